@@ -1,0 +1,10 @@
+"""neural-mechanics-ext: watch a network train through the symmetries of its loss.
+
+The public API (DESIGN.md §3); everything else in the package is an implementation detail.
+"""
+from ._version import __version__
+from ._backend import build_info
+from .ops import slice_moments
+from .reference import MOMENTS
+
+__all__ = ["__version__", "MOMENTS", "build_info", "slice_moments"]

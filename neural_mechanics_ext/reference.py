@@ -1,0 +1,45 @@
+"""Plain-torch twins of the compiled ops: the oracle of the tests and the fallback when ``_C`` is missing.
+
+Everything here is written for clarity, not speed: every input is upcast to float64 and each view is
+reduced with ordinary torch reductions.  The compiled kernels must agree with these functions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+MOMENTS = ("x", "y", "z", "xx", "yy", "zz", "xy", "xz", "yz")
+
+
+def slice_moments_reference(
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[Optional[torch.Tensor]],
+    zs: Sequence[Optional[torch.Tensor]],
+    view_table: Sequence[int],
+) -> torch.Tensor:
+    """Per-slice moments, computed the obvious way.
+
+    ``view_table`` is the flat form used by the op: quadruples ``(tensor_index, A, K, B)`` ordered by
+    tensor index.  ``ys``/``zs`` are empty (absent) or hold one tensor or ``None`` per ``xs`` entry;
+    whatever is absent counts as zeros.  Inputs are assumed valid (see ``ops._check_inputs``).
+    """
+    device = xs[0].device if len(xs) else torch.device("cpu")
+    rows = []
+    for v in range(0, len(view_table), 4):
+        i, a, k, b = view_table[v : v + 4]
+        x = xs[i].detach().reshape(-1).to(torch.float64).view(a, k, b)
+        y = _as_f64_view(ys, i, x, a, k, b)
+        z = _as_f64_view(zs, i, x, a, k, b)
+        cols = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+        rows.append(torch.stack([c.sum(dim=(0, 2)) for c in cols], dim=1))
+    if not rows:
+        return torch.zeros((0, 9), dtype=torch.float64, device=device)
+    return torch.cat(rows, dim=0)
+
+
+def _as_f64_view(ts, i, like, a, k, b):
+    t = ts[i] if len(ts) else None
+    if t is None:
+        return torch.zeros_like(like)
+    return t.detach().reshape(-1).to(torch.float64).view(a, k, b)
