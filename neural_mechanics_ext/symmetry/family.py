@@ -1,0 +1,82 @@
+"""SymmetryFamily: a set of parameter groups that share one symmetry kind (THEORY.md §1.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+KINDS = ("translation", "scale", "rescale")
+
+View = Tuple[int, int, int]
+Member = Tuple[str, View, int]
+
+
+@dataclass
+class SymmetryFamily:
+    """K parameter groups of one symmetry kind, described by slices of named parameters.
+
+    ``members`` is a list of ``(param_name, (A, K, B), sign)``: the view ``(A, K, B)`` splits the
+    flattened parameter into K slices exactly as in :func:`neural_mechanics_ext.slice_moments`, and
+    group ``k`` is the union over members of slice ``k``.  ``sign`` is +1 for every member of a
+    translation or scale family and for the incoming side of a rescale family, -1 for its outgoing
+    side.  Every member has the same K, the family's number of groups.
+
+    ``layer`` is a short readable label used in plots; ``note`` says what makes the symmetry
+    approximate (e.g. BatchNorm's eps), ``residual`` is the largest gradient-constraint residual
+    measured when the family was proved (None until then).
+    """
+
+    kind: str
+    name: str
+    members: List[Member]
+    layer: Optional[str] = None
+    note: Optional[str] = None
+    residual: Optional[float] = None
+    tolerance: Optional[float] = None
+    manual: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"SymmetryFamily {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.members:
+            raise ValueError(f"SymmetryFamily {self.name!r}: no members")
+        members = []
+        for m in self.members:
+            if len(m) != 3:
+                raise ValueError(f"SymmetryFamily {self.name!r}: member {m!r} is not (param_name, (A, K, B), sign)")
+            pname, view, sign = m
+            if not isinstance(pname, str):
+                raise TypeError(f"SymmetryFamily {self.name!r}: parameter name {pname!r} is not a string")
+            if len(view) != 3 or min(int(s) for s in view) < 0:
+                raise ValueError(f"SymmetryFamily {self.name!r}: view {view!r} of {pname} is not a non-negative (A, K, B)")
+            if sign not in (1, -1):
+                raise ValueError(f"SymmetryFamily {self.name!r}: sign of {pname} must be +1 or -1, got {sign!r}")
+            members.append((pname, tuple(int(s) for s in view), int(sign)))
+        self.members = members
+        ks = {v[1] for _, v, _ in members}
+        if len(ks) != 1:
+            raise ValueError(
+                f"SymmetryFamily {self.name!r}: every member needs the same number of groups K, got "
+                + ", ".join(f"{p}: K={v[1]}" for p, v, _ in members))
+        signs = {s for _, _, s in members}
+        if self.kind == "rescale" and signs != {1, -1}:
+            raise ValueError(f"SymmetryFamily {self.name!r}: a rescale family needs members with sign +1 "
+                             f"(incoming) and -1 (outgoing)")
+        if self.kind != "rescale" and signs != {1}:
+            raise ValueError(f"SymmetryFamily {self.name!r}: {self.kind} members all have sign +1")
+        seen = set()
+        for p, v, _ in members:
+            if (p, v) in seen:
+                raise ValueError(f"SymmetryFamily {self.name!r}: member {p} {v} listed twice")
+            seen.add((p, v))
+
+    @property
+    def num_groups(self) -> int:
+        return self.members[0][1][1]
+
+    @property
+    def param_names(self) -> List[str]:
+        return list(dict.fromkeys(p for p, _, _ in self.members))
+
+    def __str__(self) -> str:
+        return f"{self.kind} family {self.name} ({self.num_groups} groups)"
