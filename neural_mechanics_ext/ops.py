@@ -41,6 +41,8 @@ def slice_moments(
     gradients are contiguous in ordinary training.  NaN and Inf stay in the slices that hold them.
     """
     xs, ys, zs, table = _check_inputs(xs, views, ys, zs)
+    if not xs:  # the dispatcher needs a tensor to pick a device
+        return torch.zeros((0, 9), dtype=torch.float64)
     return _op(xs, ys, zs, table)
 
 

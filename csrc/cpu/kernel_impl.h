@@ -1,0 +1,258 @@
+// The CPU item kernel.  Included by kernel_{avx512,avx2,base}.cpp after kernel_prelude.h and after
+// the instruction-set pragma, with NMX_ISA naming the namespace; do not include it anywhere else.
+//
+// An item is a rectangle rows [r0, r1) x cols [c0, c1) of one entry's [R, L] layout (plan.h).  It is
+// read in groups of four rows: per-column sums (COL views) accumulate into a small double array that
+// stays in cache, per-row totals (RUN views) into nine vector registers per row.  Inputs whose dtype
+// is not the compute type (float, or double when any input is double) are first converted into a
+// per-thread scratch row; float and double inputs are read in place.
+
+namespace nmx {
+namespace cpu {
+namespace NMX_ISA {
+namespace {
+
+// One vector register of doubles per instruction set (NMX_ISA_LEVEL: 2 AVX-512, 1 AVX2, 0 baseline).
+// Loads go through intrinsics where they exist: GCC splits a generic float->double vector conversion
+// into halves and inserts.
+#if NMX_ISA_LEVEL == 2
+constexpr int kLanes = 8;
+#elif NMX_ISA_LEVEL == 1
+constexpr int kLanes = 4;
+#else
+constexpr int kLanes = 2;
+#endif
+typedef double dvec __attribute__((vector_size(8 * kLanes)));
+typedef float fvec __attribute__((vector_size(4 * kLanes), aligned(4)));
+constexpr int64_t kSegment = 4096;  // columns converted / reduced at a time in RUN-only entries
+constexpr int kRowGroup = 4;
+
+NMX_INLINE dvec load(const float* p) {
+#if NMX_ISA_LEVEL == 2
+  return (dvec)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+#elif NMX_ISA_LEVEL == 1
+  return (dvec)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#else
+  fvec f;
+  std::memcpy(&f, p, sizeof f);
+  return __builtin_convertvector(f, dvec);
+#endif
+}
+NMX_INLINE dvec load(const double* p) {
+  dvec d;
+  std::memcpy(&d, p, sizeof d);
+  return d;
+}
+NMX_INLINE void store(double* p, dvec v) { std::memcpy(p, &v, sizeof v); }
+
+// Lanes summed in a fixed order.  (Reading lanes through a copy keeps GCC from moving the
+// accumulators of the loop that produced `v` to the stack.)
+NMX_INLINE double hsum(dvec v) {
+  double lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof v);
+  double s = 0.0;
+  for (int i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+template <bool HY, bool HZ>
+constexpr bool moment_used(int m) {
+  return m == 0 || m == 3 || ((m == 1 || m == 4 || m == 6) && HY) || ((m == 2 || m == 5 || m == 7) && HZ) ||
+         (m == 8 && HY && HZ);
+}
+
+// ---- conversions (bit-exact, vectorisable, no torch headers) ---------------------------------------
+NMX_INLINE float bits_to_float(uint32_t w) {
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+NMX_INLINE uint32_t float_to_bits(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof w);
+  return w;
+}
+NMX_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+// IEEE half to float, including subnormals, infinities and NaN (the algorithm c10::Half uses).
+NMX_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  return bits_to_float(sign | bits);
+}
+
+template <typename C>
+void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
+  switch (dtype) {
+    case kF32: {
+      const float* s = static_cast<const float*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(s[i]);
+      break;
+    }
+    case kF64: {
+      const double* s = static_cast<const double*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(s[i]);
+      break;
+    }
+    case kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(f16_to_float(s[i]));
+      break;
+    }
+    default: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<C>(bf16_to_float(s[i]));
+      break;
+    }
+  }
+}
+
+// A run of n values of tensor `src` starting at `offset`, as the compute type C: in place when the
+// dtype already is C, else converted into `scratch`.
+template <typename C>
+const C* as_compute(const void* src, int dtype, int64_t offset, int64_t n, C* scratch) {
+  constexpr int code = std::is_same<C, double>::value ? kF64 : kF32;
+  if (dtype == code) return static_cast<const C*>(src) + offset;
+  convert(src, dtype, offset, n, scratch);
+  return scratch;
+}
+
+// ---- the two reductions ----------------------------------------------------------------------------
+template <bool HY, bool HZ, typename C>
+void add_row_total(const C* x, const C* y, const C* z, int64_t n, Moments<double>& out) {
+  Moments<dvec> a;
+  zero(a);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    accumulate<HY, HZ>(a, load(x + i), HY ? load(y + i) : dvec{}, HZ ? load(z + i) : dvec{});
+  Moments<double> t;
+  for (int m = 0; m < kMoments; ++m) t.m[m] = hsum(a.m[m]);
+  for (; i < n; ++i)
+    accumulate<HY, HZ>(t, double(x[i]), HY ? double(y[i]) : 0.0, HZ ? double(z[i]) : 0.0);
+  add_to(out, t);
+}
+
+// Per-column sums, stored in blocks of kLanes columns with the nine moments of a block contiguous:
+// moment m of column c lives at colsum_index(c, m).  One base pointer per block keeps the loop's
+// addresses in registers.
+NMX_INLINE int64_t colsum_index(int64_t c, int m) {
+  return (c / kLanes) * (kMoments * kLanes) + m * kLanes + c % kLanes;
+}
+
+// Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
+template <int NR, bool HY, bool HZ, typename C>
+void add_column_sums(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n) {
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    double* block = acc + colsum_index(c, 0);
+    Moments<dvec> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
+    for (int r = 0; r < NR; ++r)
+      accumulate<HY, HZ>(a, load(x[r] + c), HY ? load(y[r] + c) : dvec{}, HZ ? load(z[r] + c) : dvec{});
+    for (int m = 0; m < kMoments; ++m)
+      if (moment_used<HY, HZ>(m)) store(block + m * kLanes, a.m[m]);
+  }
+  for (; c < n; ++c) {
+    Moments<double> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
+    for (int r = 0; r < NR; ++r)
+      accumulate<HY, HZ>(a, double(x[r][c]), HY ? double(y[r][c]) : 0.0, HZ ? double(z[r][c]) : 0.0);
+    for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
+  }
+}
+
+template <bool HY, bool HZ, typename C>
+void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
+  static thread_local std::vector<double> colsum;
+  static thread_local std::vector<Moments<double>> rowtot;
+  static thread_local std::vector<C> scratch;
+
+  const EntryRec& e = plan.entries[it.entry];
+  const int64_t L = e.L, width = it.c1 - it.c0, rows = it.r1 - it.r0;
+  const int64_t segment = e.has_col ? width : std::min(width, kSegment);
+  if (e.has_col) colsum.assign(kMoments * (width + kLanes), 0.0);
+  if (e.has_run) {
+    Moments<double> z0;
+    zero(z0);
+    rowtot.assign(rows, z0);
+  }
+  scratch.resize(3 * kRowGroup * segment);
+
+  for (int64_t r = it.r0; r < it.r1; r += kRowGroup) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowGroup, it.r1 - r));
+    for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
+      const int64_t n = std::min(segment, it.c1 - s0);
+      const C* xp[kRowGroup];
+      const C* yp[kRowGroup] = {};
+      const C* zp[kRowGroup] = {};
+      for (int q = 0; q < nr; ++q) {
+        const int64_t off = (r + q) * L + s0;
+        C* sc = scratch.data() + 3 * q * segment;
+        xp[q] = as_compute(tp.x, tp.dx, off, n, sc);
+        if (HY) yp[q] = as_compute(tp.y, tp.dy, off, n, sc + segment);
+        if (HZ) zp[q] = as_compute(tp.z, tp.dz, off, n, sc + 2 * segment);
+      }
+      if (e.has_col) {
+        // Items with COL views have a single segment, so the column sums start at column c0.
+        if (nr == kRowGroup) {
+          add_column_sums<kRowGroup, HY, HZ>(colsum.data(), xp, yp, zp, n);
+        } else {
+          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(colsum.data(), xp + q, yp + q, zp + q, n);
+        }
+      }
+      if (e.has_run)
+        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rowtot[r + q - it.r0]);
+    }
+  }
+
+  // Fold into this item's slots, in a fixed order (the result does not depend on thread timing).
+  int64_t total = 0;
+  for (int64_t vi = e.view_begin; vi < e.view_end; ++vi)
+    total += slots_in_item(plan.views[vi], it.r0, it.r1, it.c0, it.c1);
+  double* base = slots + it.slot_begin * kMoments;
+  std::fill(base, base + total * kMoments, 0.0);
+  for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
+    const ViewRec& v = plan.views[vi];
+    if (v.kind == kRun) {
+      const int64_t k_start = (it.r0 / v.period) % v.K;
+      for (int64_t r = it.r0; r < it.r1; ++r) {
+        const int64_t idx = ((r / v.period) % v.K - k_start + v.K) % v.K;
+        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += rowtot[r - it.r0].m[m];
+      }
+    } else {
+      const int64_t k0 = it.c0 / v.B;
+      for (int64_t c = it.c0; c < it.c1; ++c) {
+        const int64_t idx = c / v.B - k0;
+        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += colsum[colsum_index(c - it.c0, m)];
+      }
+    }
+    base += slots_in_item(v, it.r0, it.r1, it.c0, it.c1) * kMoments;
+  }
+}
+
+}  // namespace
+
+void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, double* slots) {
+  const ItemRec& it = plan.items[item];
+  const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
+  const bool wide = tp.dx == kF64 || (tp.y && tp.dy == kF64) || (tp.z && tp.dz == kF64);
+  const bool hy = tp.y != nullptr, hz = tp.z != nullptr;
+  if (wide) {
+    if (hy && hz) run_item<true, true, double>(plan, it, tp, slots);
+    else if (hy) run_item<true, false, double>(plan, it, tp, slots);
+    else if (hz) run_item<false, true, double>(plan, it, tp, slots);
+    else run_item<false, false, double>(plan, it, tp, slots);
+  } else {
+    if (hy && hz) run_item<true, true, float>(plan, it, tp, slots);
+    else if (hy) run_item<true, false, float>(plan, it, tp, slots);
+    else if (hz) run_item<false, true, float>(plan, it, tp, slots);
+    else run_item<false, false, float>(plan, it, tp, slots);
+  }
+}
+
+}  // namespace NMX_ISA
+}  // namespace cpu
+}  // namespace nmx

@@ -1,0 +1,232 @@
+"""slice_moments: the compiled kernels against the plain-torch reference, and every way to call it wrong."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import neural_mechanics_ext as nmx
+from neural_mechanics_ext import _backend
+from neural_mechanics_ext.ops import _check_inputs
+from neural_mechanics_ext.reference import slice_moments_reference
+
+from conftest import DTYPES
+from samples import LAYOUTS, sample_inputs
+
+
+def reference(xs, views, ys=None, zs=None):
+    return slice_moments_reference(*_check_inputs(xs, views, ys, zs))
+
+
+def assert_close_to_reference(xs, views, ys=None, zs=None):
+    got = nmx.slice_moments(xs, views, ys, zs)
+    want = reference(xs, views, ys, zs)
+    assert got.dtype == torch.float64 and got.device == (xs[0].device if xs else torch.device("cpu"))
+    assert got.shape == want.shape
+    # Both sum in double, in different orders: the difference is bounded by a few ulps of the sum of
+    # absolute values of the terms, which is the reference applied to |x|, |y|, |z|.
+    absolute = lambda ts: None if ts is None else [None if t is None else t.abs() for t in ts]
+    scale = reference([x.abs() for x in xs], views, absolute(ys), absolute(zs))
+    err = (got.cpu() - want.cpu()).abs()
+    assert torch.all(err <= 1e-13 * scale.cpu() + 1e-300), f"max error {err.max()} at scale {scale.max()}"
+    return got
+
+
+@pytest.mark.parametrize("case", list(sample_inputs("cpu", DTYPES)), ids=lambda c: c[0])
+def test_matches_reference_cpu(case):
+    _, xs, views, ys, zs = case
+    assert_close_to_reference(xs, views, ys, zs)
+
+
+@pytest.mark.cuda
+def test_matches_reference_cuda():
+    for _, xs, views, ys, zs in sample_inputs("cuda", DTYPES):
+        assert_close_to_reference(xs, views, ys, zs)
+
+
+def test_rows_are_ordered_by_tensor_view_and_slice(device):
+    x = torch.arange(12.0, device=device).view(3, 4)
+    out = nmx.slice_moments([x, x[0].clone()], [[(1, 3, 4), (3, 4, 1)], [(1, 4, 1)]])
+    sums = out[:, 0].cpu().tolist()
+    assert sums == [6.0, 22.0, 38.0, 12.0, 15.0, 18.0, 21.0, 0.0, 1.0, 2.0, 3.0]
+    assert out[:, 3].cpu().tolist()[:3] == [14.0, 126.0, 366.0]
+
+
+def _factor_views(numel, draw):
+    """Random (A, K, B) factorisations of numel."""
+    divisors = [d for d in range(1, numel + 1) if numel % d == 0]
+    views = []
+    for _ in range(draw(st.integers(1, 3))):
+        a = draw(st.sampled_from(divisors))
+        rest = numel // a
+        k = draw(st.sampled_from([d for d in divisors if rest % d == 0]))
+        views.append((a, k, rest // k))
+    return views
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_against_reference(data):
+    draw = data.draw
+    xs, views, ys, zs = [], [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
+        numel = 1
+        for s in shape:
+            numel *= s
+        dx, dy, dz = (draw(st.sampled_from(DTYPES)) for _ in range(3))
+        xs.append(torch.randn(shape).to(dx))
+        ys.append(torch.randn(shape).to(dy) if draw(st.booleans()) else None)
+        zs.append(torch.randn(shape).to(dz) if draw(st.booleans()) else None)
+        views.append(_factor_views(numel, draw))
+    assert_close_to_reference(xs, views, ys, zs)
+
+
+@pytest.mark.parametrize("dx", DTYPES, ids=str)
+@pytest.mark.parametrize("dy", DTYPES, ids=str)
+def test_every_dtype_pair(device, dx, dy):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 70, generator=gen).to(dx).to(device)
+    y = torch.randn(33, 70, generator=gen).to(dy).to(device)
+    z = torch.randn(33, 70, generator=gen).to(dx).to(device)
+    assert_close_to_reference([x], [[(1, 33, 70), (33, 70, 1)]], [y], [z])
+
+
+def test_more_than_2_24_elements_accumulate_in_double(device):
+    n = (1 << 24) + 17  # a float32 running sum of ones stops at 2**24
+    x = torch.ones(n, device=device)
+    out = nmx.slice_moments([x], [[(1, 1, n), (n, 1, 1)]])   # one row of n, n rows of one
+    assert out[:, 0].tolist() == [n, n] and out[:, 3].tolist() == [n, n]
+    y = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+    assert_close_to_reference([y.view(-1, 1)], [[(1, n, 1), (1, 1, n)]])
+
+
+def test_nan_and_inf_stay_in_their_slices(device):
+    x = torch.randn(6, 8, device=device)
+    y = torch.randn(6, 8, device=device)
+    x[2, 5] = float("nan")
+    y[4, 1] = float("inf")
+    out = nmx.slice_moments([x], [[(1, 6, 8)]], ys=[y]).cpu()
+    finite = out.isfinite()
+    assert not finite[2, [0, 3, 6]].any() and finite[2, [1, 4]].all()   # x, xx, xy of row 2
+    assert not finite[4, [1, 4, 6]].any() and finite[4, [0, 3]].all()   # y, yy, xy of row 4
+    assert finite[[0, 1, 3, 5]].all()
+
+
+def test_empty(device):
+    assert nmx.slice_moments([], []).shape == (0, 9)
+    e = torch.empty(0, 5, device=device)
+    out = nmx.slice_moments([e, torch.ones(2, device=device)], [[(0, 5, 1), (1, 0, 0)], [(1, 2, 1)]])
+    assert out.shape == (7, 9) and out[:5].abs().sum() == 0 and out[5:, 0].tolist() == [1.0, 1.0]
+
+
+def test_non_contiguous_inputs_follow_logical_order(device):
+    base = torch.randn(20, 30, device=device)
+    x = base.t()               # [30, 20], non-contiguous
+    y = torch.randn(60, 20, device=device)[::2]  # strided rows
+    got = assert_close_to_reference([x], [[(1, 30, 20), (30, 20, 1)]], [y])
+    want = nmx.slice_moments([x.contiguous()], [[(1, 30, 20), (30, 20, 1)]], [y.contiguous()])
+    assert torch.equal(got, want)
+
+
+def test_deterministic(device):
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(s, generator=gen).to(device) for s in [(300, 700), (64, 3, 3, 3), (1000,)]]
+    views = [[(1, 300, 700), (300, 700, 1)], [(1, 64, 27), (64, 3, 9)], [(1, 1, 1000)]]
+    ys = [torch.randn_like(x) for x in xs]
+    first = nmx.slice_moments(xs, views, ys, ys)
+    for _ in range(3):
+        assert torch.equal(nmx.slice_moments(xs, views, ys, ys), first)
+
+
+def test_inputs_requiring_grad_are_fine():
+    p = torch.nn.Parameter(torch.randn(4, 5))
+    out = nmx.slice_moments([p], [[(1, 4, 5)]])
+    assert not out.requires_grad
+
+
+# ---- bad input: a clear Python exception naming the problem -------------------------------------------
+BAD = [
+    (lambda x: nmx.slice_moments(x, [[(1, 4, 5)]]), TypeError, "list or tuple of tensors"),
+    (lambda x: nmx.slice_moments([x, x], [[(1, 4, 5)]]), ValueError, "one sequence of"),
+    (lambda x: nmx.slice_moments([x], [(1, 4, 5)]), ValueError, "wrap a single view"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 6)]]), ValueError, "covers 24 elements but xs\\[0\\] has 20"),
+    (lambda x: nmx.slice_moments([x], [[(-1, -4, 5)]]), ValueError, "negative size"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4)]]), ValueError, "not an \\(A, K, B\\) triple"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], ys=[x, x]), ValueError, "ys must be None or a list with one entry"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], ys=[x.t()]), ValueError, "ys\\[0\\] has shape \\(5, 4\\)"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], zs=[3.0]), TypeError, "zs\\[0\\] is a float"),
+    (lambda x: nmx.slice_moments([x.long()], [[(1, 4, 5)]]), TypeError, "xs\\[0\\] has dtype torch.int64"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], ys=[x.to(torch.complex64)]), TypeError, "ys\\[0\\] has dtype"),
+    (lambda x: nmx.slice_moments([x, x.to("meta")], [[(1, 4, 5)], [(1, 4, 5)]]), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD, ids=[b[2] for b in BAD])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(4, 5))
+
+
+def test_direct_op_call_is_checked_too():
+    op = torch.ops.neural_mechanics_ext.slice_moments
+    x = torch.randn(4, 5)
+    with pytest.raises((ValueError, RuntimeError)):
+        op([x], [], [], [0, 1, 4, 6])
+    with pytest.raises((IndexError, RuntimeError)):
+        op([x], [], [], [1, 1, 4, 5])
+
+
+# ---- registration, torch.compile, the fallback path ---------------------------------------------------
+def test_opcheck(device):
+    for _, xs, views, ys, zs in list(sample_inputs(device))[:3]:
+        args = _check_inputs(xs, views, ys, zs)
+        torch.library.opcheck(torch.ops.neural_mechanics_ext.slice_moments.default, args)
+
+
+def test_torch_compile(device):
+    x = torch.randn(16, 12, device=device)
+    g = torch.randn(16, 12, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, g):
+        return nmx.slice_moments([x * 2], [[(1, 16, 12), (16, 12, 1)]], ys=[g])
+
+    assert torch.allclose(f(x, g), nmx.slice_moments([x * 2], [[(1, 16, 12), (16, 12, 1)]], ys=[g]), rtol=1e-12)
+
+
+def test_build_info():
+    info = nmx.build_info()
+    for key in ("version", "torch", "cuda", "cuda_arch", "openmp", "compiled"):
+        assert key in info
+    if info["compiled"] and info["cuda"]:
+        assert info["cuda_arch"]
+
+
+FALLBACK_SCRIPT = textwrap.dedent("""
+    import warnings, torch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import neural_mechanics_ext as nmx
+        import neural_mechanics_ext.ops
+    assert nmx.build_info()["compiled"] is False
+    messages = [str(w.message) for w in caught if "compiled extension" in str(w.message)]
+    assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0], messages
+    torch.manual_seed(0)
+    x = torch.randn(30, 40); g = torch.randn(30, 40)
+    torch.save(nmx.slice_moments([x], [[(1, 30, 40), (30, 40, 1)]], ys=[g]), {out!r})
+""")
+
+
+def test_fallback_path_agrees_with_compiled(tmp_path):
+    out = tmp_path / "fallback.pt"
+    env = dict(os.environ, NMX_DISABLE_EXTENSION="1")
+    subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.format(out=str(out))], check=True, env=env)
+    torch.manual_seed(0)
+    x = torch.randn(30, 40)
+    g = torch.randn(30, 40)
+    ours = nmx.slice_moments([x], [[(1, 30, 40), (30, 40, 1)]], ys=[g])
+    assert torch.allclose(torch.load(out), ours, rtol=1e-13, atol=1e-12)
