@@ -292,3 +292,25 @@ def test_equilibrium_norm_vectorised():
 def test_time_elapsed():
     hps = [StepHyper(0.1), StepHyper(0.2, 0.9, 0.5), StepHyper(0.3, 0.9)]
     assert torch.allclose(time_elapsed(hps), torch.tensor([0.0, 0.1, 0.2, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["scale", "rescale", "translation"])
+def test_state_does_not_alias_the_callers_moments(kind):
+    """λ = 0, momentum 0: n' = n + η²·yy has a coefficient-1 term; a tracker that reuses its moment buffer
+    in place after advance() must not change the integrators' state."""
+    Ms = random_moment_sequence(3)
+    hp = StepHyper(1.0)  # η = 1, λ = 0
+    for make in (lambda: ExactIntegrator(kind, Ms[0].clone()),
+                 lambda: PaperIntegrator(kind, Ms[0].clone()),
+                 lambda: PaperIntegrator(kind, Ms[0].clone(), "modified")):
+        buf = Ms[0].clone()
+        integ = make()
+        integ.advance(hp, buf)
+        before = integ.prediction().clone()
+        buf.fill_(7.0)
+        assert torch.equal(integ.prediction(), before)
+        integ.advance(StepHyper(1.0, 0.9), Ms[1])
+        before = {k: v.clone() for k, v in integ.state_dict().items() if isinstance(v, torch.Tensor)}
+        Ms[1].fill_(3.0)
+        after = {k: v for k, v in integ.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert all(torch.equal(before[k], after[k]) for k in before)

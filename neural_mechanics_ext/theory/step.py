@@ -81,8 +81,9 @@ class LinearForm(dict):
 def evaluate(form: LinearForm, values: dict, like: torch.Tensor) -> torch.Tensor:
     """Σ coef·values[name]; a value given as the float 0.0 is known to vanish and is skipped.
 
-    ``like`` fixes shape, dtype and device when every term vanishes.  Inputs are never modified; the
-    result may be one of them (coefficient 1, single term), so callers must not modify it in place.
+    ``like`` fixes shape, dtype and device when every term vanishes.  The result is always a new tensor,
+    never an input or a view of one: an integrator's state must not alias the caller's moment buffer,
+    which a tracker may reuse for the next step.
     """
     out = None
     for name, coef in form.items():
@@ -90,7 +91,7 @@ def evaluate(form: LinearForm, values: dict, like: torch.Tensor) -> torch.Tensor
         if coef == 0.0 or (isinstance(x, float) and x == 0.0):
             continue
         if out is None:
-            out = x if coef == 1.0 else coef * x
+            out = coef * x
         else:
             out = torch.add(out, x, alpha=coef)
     return torch.zeros_like(like) if out is None else out
