@@ -314,3 +314,39 @@ def test_state_does_not_alias_the_callers_moments(kind):
         Ms[1].fill_(3.0)
         after = {k: v for k, v in integ.state_dict().items() if isinstance(v, torch.Tensor)}
         assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# device-agnostic and free of host synchronisation
+# ----------------------------------------------------------------------------------------------------
+class NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on every tensor method that copies a value to the host (a device sync on an accelerator)."""
+
+    SYNCING = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "nonzero"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.SYNCING:
+            raise AssertionError(f"host sync inside advance/prediction: Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_HPS = [StepHyper(0.1, 0.9, 0.1, 1e-2, False, True), StepHyper(0.1, 0.9, 0.1, 1e-2, False, False),
+            StepHyper(0.05, 0.0, 0.0, 1e-2), StepHyper(0.05, 0.9, 0.0, 5e-2, True, False), StepHyper(0.0, 0.9)]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("kind", ["scale", "rescale", "translation"])
+def test_integrators_are_device_agnostic_and_never_sync(kind, device):
+    """On the meta device any host read fails and any CPU-made tensor mixed in fails too; the mode catches
+    the syncing methods on CPU.  Covers SGD, momentum, first step, Nesterov (paper: unsupported) and η = 0."""
+    Ms = random_moment_sequence(len(SYNC_HPS)).to(device)
+    integs = [ExactIntegrator(kind, Ms[0]), PaperIntegrator(kind, Ms[0]), PaperIntegrator(kind, Ms[0], "modified")]
+    with NoHostSync():
+        for integ in integs:
+            for hp, M in zip(SYNC_HPS, Ms):
+                integ.advance(hp, M)
+                pred = integ.prediction()
+                assert pred.device.type == device and pred.dtype == torch.float64 and pred.shape == (4,)
+        f = angular_update(Ms[0], SYNC_HPS[1])
+        assert f.device.type == device
