@@ -36,7 +36,8 @@ def angular_update(M: torch.Tensor, hp: StepHyper) -> torch.Tensor:
     eta = hyper_floats(hp)[0]
     values = empirical_forms(M)
     f = step_forms(hp)
-    tt, theta_u, u_sq = values["tt"], evaluate(f.theta_u, values, M[:, 0]), evaluate(f.u_sq, values, M[:, 0])
+    tt = values["tt"]
+    theta_u, u_sq = evaluate(f.theta_u, values, tt), evaluate(f.u_sq, values, tt)
     cross_sq = torch.clamp(tt * u_sq - theta_u * theta_u, min=0.0)
     return torch.atan2(eta * torch.sqrt(cross_sq), tt - eta * theta_u)
 

@@ -3,8 +3,8 @@
 Open loop: the state starts from the moments of the first tracked step and is then advanced with the
 optimizer's settings and two gradient statistics per group only,
 
-    scale / rescale:  state (n, q, m) = (|θ|²_A, ⟨θ,v⟩_A, |v|²_A),  drivers a_k = |g_k|²_A, b_k = ⟨v_k,g_k⟩_A
-    translation:      state (s, p)    = (Σ_A θ, Σ_A v),             no driver at all
+    scale / rescale:  state (n, q, m) = (|θ|²_A, ⟨θ,v⟩_A, |v|²_A), drivers a_k = |g_k|²_A, b_k = ⟨v_k,g_k⟩_A
+    translation:      state (s, p) = (Σ_A θ, Σ_A v), no driver at all
 
 (for rescale every ⟨·,·⟩_A is the signed form B).  The recursions are the "full form" of §4.2 (heavy
 ball, dampening, torch's first-step convention c_0 = 1) and of §4.3 (Nesterov); plain SGD (§4.1) is the
@@ -76,7 +76,7 @@ class ExactIntegrator:
             values = {"tt": st["n"], "tg": 0.0, "tv": st["q"], "gg": M[:, COL["yy"]], "gv": M[:, COL["yz"]],
                       "vv": st["m"]}
             f = step_forms(hp)
-            st["n"], st["q"], st["m"] = (evaluate(form, values, st["n"]) for form in (f.n_next, f.q_next, f.m_next))
+            st["n"], st["q"], st["m"] = [evaluate(form, values, st["n"]) for form in (f.n_next, f.q_next, f.m_next)]
         self.steps += 1
 
     def state_dict(self) -> dict:
