@@ -1,0 +1,432 @@
+"""SymmetryTracker: per-group dynamics of a training run, with their exact and paper predictions, online.
+
+Step path (every optimizer step, no host synchronisation):
+    optimizer step pre-hook → one fused ``slice_moments`` pass over (θ, g, v) of every tracked tensor
+    → per-group moments [groups, 9] (+ two unsigned columns) → a row of a device ring buffer.
+Every ``flush_every`` steps the block is copied to the host asynchronously; it is processed there (the
+float64 integrators of ``theory``, residuals, derived quantities) when the next block arrives or when
+``history()``/``summary()``/``close()`` ask.  Memory is O(groups × flush_every) on the device and
+O(groups × logged steps) on the host; nothing parameter-sized is kept.
+
+The hook sees the gradient the optimizer uses (after clipping, AMP unscaling, DDP all-reduce, gradient
+accumulation), the momentum buffer before the update, and each param group's current settings, so
+schedules need nothing special.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .plan import MomentPlan
+from .reference import MOMENTS
+from .symmetry.family import SymmetryFamily
+from .theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
+
+COL = {name: i for i, name in enumerate(MOMENTS)}
+# Ring-buffer columns: the nine signed moments, then unsigned |θ_A|² and |g_A|² (the magnitudes of
+# rescale groups and the norms of the residual, which the signed sums cannot give).
+UNSIGNED_XX, UNSIGNED_YY = 9, 10
+WIDTH = 11
+PREDICTIONS = ("exact", "paper", "modified")
+
+
+@dataclass
+class _Batch:
+    """Families integrated together: same kind class and same optimizer param groups."""
+    kind: str                   # "translation" or "scale" (rescale shares the scale algebra)
+    families: List[int]
+    groups: torch.Tensor        # indices into the concatenated groups of the plan
+    param_groups: Tuple[int, ...]
+    params: List[int]           # plan tensor indices of the batch's parameters
+    integrators: Dict[str, Any] = field(default_factory=dict)
+    invalid: Optional[str] = None       # why predictions stopped, once they did
+    invalid_step: Optional[int] = None
+
+
+class SymmetryTracker:
+    """Watches a training run through its symmetries; attach it and train as usual.
+
+    Args:
+        model: the model being trained.
+        optimizer: its optimizer.  ``torch.optim.SGD`` (plain, momentum, dampening, Nesterov, weight
+            decay, any schedule) gets exact and paper predictions; other optimizers get the empirical
+            quantities and constraint residuals only, and ``summary()`` says why.
+        example_inputs: a batch of inputs for ``find_symmetries`` (not needed with ``families``).
+        families: the families to track (default: ``find_symmetries(model, example_inputs, loss)``).
+        loss: the loss kind for discovery ("cross_entropy", "mse", "bce", None).
+        log_every: keep every ``log_every``-th step in ``history()`` (the predictions still integrate
+            every step; maxima in ``summary()`` cover every step).
+        flush_every: steps per device-to-host block; bounds the device ring buffer.
+        sinks: objects with ``write(rows)`` / ``close()`` (see ``neural_mechanics_ext.sinks``).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_inputs=None, *,
+                 families: Optional[Sequence[SymmetryFamily]] = None, loss: Optional[str] = "cross_entropy",
+                 log_every: int = 1, flush_every: int = 50, sinks: Sequence[Any] = ()):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"SymmetryTracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if log_every < 1 or flush_every < 1:
+            raise ValueError("SymmetryTracker: log_every and flush_every must be positive")
+        if families is None:
+            if example_inputs is None:
+                raise ValueError("SymmetryTracker: pass example_inputs (a batch the model accepts) so that "
+                                 "the symmetries can be found, or pass families=[...]")
+            from .symmetry import find_symmetries
+            families = find_symmetries(model, example_inputs, loss=loss)
+        families = list(families)
+        if not families:
+            raise ValueError("SymmetryTracker: the model has no symmetry to track (find_symmetries found none); "
+                             "declare families by hand with nmx.SymmetryFamily if discovery cannot see them")
+        self.model, self.optimizer = model, optimizer
+        self.log_every, self.flush_every = int(log_every), int(flush_every)
+        self.sinks = list(sinks)
+
+        named = dict(model.named_parameters(remove_duplicate=False))
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self.excluded: List[Tuple[SymmetryFamily, str]] = []
+        kept = []
+        for f in families:
+            reason = self._exclusion_reason(f, named, group_of)
+            if reason:
+                self.excluded.append((f, reason))
+            else:
+                kept.append(f)
+        for f, reason in self.excluded:
+            warnings.warn(f"SymmetryTracker: not tracking {f.name}: {reason}", stacklevel=2)
+        if not kept:
+            raise ValueError("SymmetryTracker: no family can be tracked: "
+                             + "; ".join(f"{f.name}: {r}" for f, r in self.excluded))
+        self.families = kept
+        self.plan = MomentPlan(kept, named)
+        devices = {p.device for p in self.plan.params}
+        if len(devices) != 1:
+            raise ValueError(f"SymmetryTracker: tracked parameters are on several devices {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.plan.to(self.device)
+        self._offsets = self.plan.offsets
+        self._module_slots = [self._owner(model, n) for n in self.plan.names]
+        self._param_group = [group_of[id(p)] for p in self.plan.params]
+        self._group_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        self.theory_supported, self.theory_reason = self._optimizer_support(optimizer)
+        self._batches = self._make_batches()
+
+        G = self.plan.num_groups
+        self._ring = [torch.empty((self.flush_every, G, WIDTH), dtype=torch.float64, device=self.device)
+                      for _ in range(2 if self.device.type == "cuda" else 1)]
+        self._ring_index, self._fill = 0, 0
+        self._block_hypers: List[dict] = []
+        self._pending: Optional[Tuple[torch.Tensor, List[dict], Any]] = None
+        self.step = 0               # optimizer steps seen
+        self._processed = 0         # steps integrated on the host
+        self._history = {f.name: _FamilyHistory(f) for f in kept}
+        self._time = [0.0] * len(optimizer.param_groups)
+        self._closed = False
+        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    @staticmethod
+    def _exclusion_reason(f: SymmetryFamily, named: Dict[str, torch.nn.Parameter], group_of: Dict[int, int]):
+        for name in f.param_names:
+            p = named.get(name)
+            if p is None:
+                return f"the model has no parameter {name!r}"
+            if not p.requires_grad:
+                return f"parameter {name} is frozen (requires_grad=False)"
+            if id(p) not in group_of:
+                return f"parameter {name} is not in the optimizer"
+        return None
+
+    @staticmethod
+    def _owner(model: torch.nn.Module, name: str):
+        module_name, _, attr = name.rpartition(".")
+        return model.get_submodule(module_name), attr
+
+    @staticmethod
+    def _optimizer_support(optimizer) -> Tuple[bool, Optional[str]]:
+        if type(optimizer) is not torch.optim.SGD:
+            return False, (f"{type(optimizer).__name__} is outside the theory (THEORY.md §4.5: adaptive "
+                           "preconditioners break the closed forms); empirical values and residuals only")
+        if any(g.get("maximize", False) for g in optimizer.param_groups):
+            return False, "SGD with maximize=True is not covered; empirical values and residuals only"
+        return True, None
+
+    def _make_batches(self) -> List[_Batch]:
+        by_key: Dict[tuple, _Batch] = {}
+        tensor_index = {id(p): i for i, p in enumerate(self.plan.params)}
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        for fi, f in enumerate(self.families):
+            kind = "translation" if f.kind == "translation" else "scale"
+            params = sorted({tensor_index[id(named[n])] for n in f.param_names})
+            pgroups = tuple(sorted({self._param_group[t] for t in params}))
+            batch = by_key.setdefault((kind, pgroups), _Batch(kind, [], torch.empty(0, dtype=torch.long), pgroups, []))
+            batch.families.append(fi)
+            batch.params = sorted(set(batch.params) | set(params))
+        for b in by_key.values():
+            b.groups = torch.cat([torch.arange(self._offsets[fi], self._offsets[fi] + self.families[fi].num_groups)
+                                  for fi in b.families])
+        return list(by_key.values())
+
+    # ---- the step path ------------------------------------------------------------------------------
+    def _pre_step(self, optimizer, args, kwargs):
+        self._check_unchanged()
+        params = self.plan.params
+        grads = [p.grad for p in params]
+        state = optimizer.state
+        buffers = [state[p].get("momentum_buffer") if p in state else None for p in params]
+        S = self.plan.slice_moments(grads, buffers)
+        signed, unsigned = self.plan.group_moments(S)
+        row = self._ring[self._ring_index][self._fill]
+        row[:, :9].copy_(signed)
+        row[:, 9:].copy_(unsigned[:, 3:5])
+        self._block_hypers.append({
+            "groups": [_read_hyper(g) for g in optimizer.param_groups],
+            "no_grad": {i for i, g in enumerate(grads) if g is None},
+            "no_buffer": {i for i, b in enumerate(buffers) if b is None},
+        })
+        self._fill += 1
+        self.step += 1
+        if self._fill == self.flush_every:
+            self._flush()
+
+    def _check_unchanged(self):
+        for (module, attr), p in zip(self._module_slots, self.plan.params):
+            if module._parameters.get(attr) is not p:
+                raise RuntimeError(f"SymmetryTracker: parameter {module.__class__.__name__}.{attr} was replaced "
+                                   "after the tracker was built; build a new tracker for the changed model")
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._group_sizes) or any(len(g["params"]) != n for g, n in zip(groups, self._group_sizes)):
+            raise RuntimeError("SymmetryTracker: the optimizer's param groups changed after the tracker was built; "
+                               "build a new tracker for the changed optimizer")
+
+    def _flush(self):
+        """Hand the filled block to the host (asynchronously on CUDA) and process the previous one."""
+        if self._fill == 0:
+            return
+        ring = self._ring[self._ring_index][: self._fill]
+        if self.device.type == "cuda":
+            host = torch.empty(ring.shape, dtype=ring.dtype, pin_memory=True)
+            host.copy_(ring, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            block = (host, self._block_hypers, event)
+            self._ring_index = 1 - self._ring_index  # the next steps fill the other buffer meanwhile
+        else:
+            block = (ring.clone(), self._block_hypers, None)
+        self._fill, self._block_hypers = 0, []
+        self._process_pending()
+        self._pending = block
+
+    def _process_pending(self):
+        if self._pending is None:
+            return
+        host, hypers, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()  # long done: it was enqueued a whole block ago
+        self._process_block(host, hypers)
+
+    def sync(self):
+        """Bring everything recorded so far to the host (history, sinks); called by history() and close()."""
+        self._flush()
+        self._process_pending()
+
+    # ---- host processing ----------------------------------------------------------------------------
+    def _process_block(self, block: torch.Tensor, hypers: List[dict]):
+        """Integrate the predictions over one block of steps and add its rows to the history."""
+        T, G = len(hypers), self.plan.num_groups
+        M = block[:T].to(torch.float64)
+        preds = {name: torch.full((T, G), float("nan"), dtype=torch.float64) for name in PREDICTIONS}
+        angular = torch.full((T, G), float("nan"), dtype=torch.float64)
+        lr = torch.zeros((T, G), dtype=torch.float64)
+        time = torch.zeros((T, G), dtype=torch.float64)
+        for t, rec in enumerate(hypers):
+            k = self._processed + t
+            for b in self._batches:
+                hp, problem = self._step_hyper(b, rec)
+                Mb = M[t, b.groups, :9]
+                if problem is None and not bool(torch.isfinite(Mb).all()):
+                    problem = "non-finite parameters, gradients or momentum buffers"
+                if not b.integrators:
+                    b.integrators = {"exact": ExactIntegrator(b.kind, Mb),
+                                     "paper": PaperIntegrator(b.kind, Mb, "paper"),
+                                     "modified": PaperIntegrator(b.kind, Mb, "modified")}
+                if problem and b.invalid is None:
+                    b.invalid, b.invalid_step = problem, k
+                if b.invalid is None:
+                    for name, integ in b.integrators.items():
+                        if name == "exact" or not integ.unsupported:
+                            preds[name][t, b.groups] = integ.prediction()
+                        integ.advance(hp, Mb)
+                if b.kind == "scale":
+                    angular[t, b.groups] = angular_update(Mb, hp)
+                lr[t, b.groups] = float(hp.lr)
+                time[t, b.groups] = self._time[b.param_groups[0]]
+            for i, h in enumerate(rec["groups"]):
+                self._time[i] += float(h["lr"])
+        steps = torch.arange(self._processed, self._processed + T)
+        self._processed += T
+
+        translation = self._translation_mask
+        n = M[:, :, COL["xx"]]
+        empirical = torch.where(translation, M[:, :, COL["x"]], n)
+        norm_theta, norm_grad = M[:, :, UNSIGNED_XX].sqrt(), M[:, :, UNSIGNED_YY].sqrt()
+        magnitude = torch.where(translation, torch.maximum(M[:, :, COL["x"]].abs(), norm_theta),
+                                M[:, :, UNSIGNED_XX])
+        # Gradient-constraint residuals (THEORY §1.1): the cosine between g_A and the generator.
+        along = torch.where(translation, M[:, :, COL["y"]], M[:, :, COL["xy"]]).abs()
+        scale = norm_grad * torch.where(translation, self.plan.counts.cpu().sqrt(), norm_theta)
+        residual = torch.where(scale > 0, along / scale, torch.zeros_like(along))
+        columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
+                   "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n, "angular_update": angular,
+                   "lr": lr, "t": time, **preds}
+        logged = (steps % self.log_every) == 0
+        new_rows = {}
+        for fi, f in enumerate(self.families):
+            sl = slice(self._offsets[fi], self._offsets[fi] + f.num_groups)
+            new_rows[f.name] = self._history[f.name].add(steps, logged, {c: v[:, sl] for c, v in columns.items()})
+        for sink in self.sinks:
+            sink.write(new_rows)
+
+    @property
+    def _translation_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.plan.num_groups, dtype=torch.bool)
+        for fi, f in enumerate(self.families):
+            if f.kind == "translation":
+                mask[self._offsets[fi]: self._offsets[fi] + f.num_groups] = True
+        return mask
+
+    def _step_hyper(self, b: _Batch, rec: dict) -> Tuple[StepHyper, Optional[str]]:
+        """The batch's settings for one step, or the reason the theory does not apply to it."""
+        hs = [rec["groups"][g] for g in b.param_groups]
+        h = hs[0]
+        missing_buffer = [t for t in b.params if t in rec["no_buffer"]]
+        first = h["momentum"] != 0 and len(missing_buffer) == len(b.params)
+        hp = StepHyper(h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], first)
+        if not self.theory_supported:
+            return hp, self.theory_reason
+        if any(x != h for x in hs[1:]):
+            diff = sorted(k for k in h if any(x[k] != h[k] for x in hs[1:]))
+            return hp, (f"parameters of one group have different optimizer settings ({', '.join(diff)}); "
+                        "the closed forms need the same lr, momentum and weight decay on every member")
+        no_grad = [self.plan.names[t] for t in b.params if t in rec["no_grad"]]
+        if no_grad:
+            return hp, f"{', '.join(no_grad)} had no gradient (the optimizer skipped it)"
+        if h["momentum"] != 0 and 0 < len(missing_buffer) < len(b.params):
+            return hp, "momentum buffers of one group were created at different steps"
+        return hp, None
+
+    # ---- results ------------------------------------------------------------------------------------
+    def history(self) -> Dict[str, Dict[str, np.ndarray]]:
+        """Per family: step, t (Σ lr), empirical [T, G], exact, paper, modified [T, G] (NaN where not
+        applicable), magnitude [T, G], residual [T] (max over groups of the gradient-constraint residual),
+        per-layer sums (``*_sum`` [T]) and, for scale families, effective_lr and angular_update [T, G]."""
+        self.sync()
+        return {name: h.arrays() for name, h in self._history.items()}
+
+    def summary(self) -> List[Dict[str, Any]]:
+        """One row per family: kind, groups, max relative error of each prediction (DESIGN.md §3's
+        metric: max |pred − emp| over steps and groups / max magnitude), the largest gradient-constraint
+        residual, and the theory assumptions that failed (with the step from which)."""
+        self.sync()
+        rows = []
+        batch_of = {fi: b for b in self._batches for fi in b.families}
+        for fi, f in enumerate(self.families):
+            h = self._history[f.name]
+            b = batch_of[fi]
+            failed = []
+            if b.invalid:
+                failed.append(f"from step {b.invalid_step}: {b.invalid}")
+            for name in ("paper", "modified"):
+                reason = getattr(b.integrators.get(name), "unsupported", None)
+                if reason:
+                    failed.append(f"{name}: {reason}")
+            if f.note:
+                failed.append(f.note)
+            rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": h.steps,
+                         **{f"error_{p}": h.max_error(p) for p in PREDICTIONS},
+                         "residual": h.max_residual, "assumptions": failed})
+        for f, reason in self.excluded:
+            rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": 0,
+                         **{f"error_{p}": float("nan") for p in PREDICTIONS}, "residual": float("nan"),
+                         "assumptions": [f"not tracked: {reason}"]})
+        return rows
+
+    def close(self):
+        """Process what is left, write it to the sinks, close them and remove the hook."""
+        if self._closed:
+            return
+        self.sync()
+        self._handle.remove()
+        for sink in self.sinks:
+            sink.close()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _read_hyper(group: dict) -> dict:
+    """The settings torch.optim.SGD uses, as Python numbers (tensor-valued lr is read at flush time)."""
+    return {"lr": group.get("lr", 0.0), "momentum": group.get("momentum", 0.0),
+            "dampening": group.get("dampening", 0.0), "weight_decay": group.get("weight_decay", 0.0),
+            "nesterov": bool(group.get("nesterov", False))}
+
+
+class _FamilyHistory:
+    """The logged rows of one family, plus running maxima over every step (logged or not)."""
+
+    SCALE_ONLY = ("effective_lr", "angular_update", "grad_sq")
+
+    def __init__(self, family: SymmetryFamily):
+        self.family = family
+        self.blocks: List[Dict[str, np.ndarray]] = []
+        self.steps = 0
+        self.max_abs_error = {p: 0.0 for p in PREDICTIONS}
+        self.predicted = {p: False for p in PREDICTIONS}
+        self.max_magnitude = 0.0
+        self.max_residual = 0.0
+
+    def add(self, steps: torch.Tensor, logged: torch.Tensor, cols: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+        emp = cols["empirical"]
+        self.steps += len(steps)
+        self.max_magnitude = max(self.max_magnitude, _nanmax(cols["magnitude"]))
+        self.max_residual = max(self.max_residual, _nanmax(cols["residual"]))
+        for p in PREDICTIONS:
+            err = (cols[p] - emp).abs()
+            if torch.isfinite(cols[p]).any():
+                self.predicted[p] = True
+                self.max_abs_error[p] = max(self.max_abs_error[p], _nanmax(err))
+        rows = {"step": steps[logged].numpy(), "t": cols["t"][logged, 0].numpy(), "lr": cols["lr"][logged, 0].numpy()}
+        for name, v in cols.items():
+            if name in ("t", "lr") or (name in self.SCALE_ONLY and self.family.kind != "scale"):
+                continue
+            rows[name] = v[logged].numpy()
+        rows["residual"] = cols["residual"][logged].amax(1).numpy() if logged.any() else np.zeros(0)
+        for p in ("empirical",) + PREDICTIONS:
+            rows[f"{p}_sum"] = cols[p][logged].sum(1).numpy()
+        self.blocks.append(rows)
+        return rows
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        if not self.blocks:
+            return {}
+        return {k: np.concatenate([b[k] for b in self.blocks]) for k in self.blocks[0]}
+
+    def max_error(self, prediction: str) -> float:
+        """DESIGN.md §3: max |pred − emp| over steps and groups over the max magnitude; NaN if never predicted."""
+        if not self.predicted[prediction] or self.max_magnitude == 0:
+            return float("nan")
+        return self.max_abs_error[prediction] / self.max_magnitude
+
+
+def _nanmax(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)]
+    return float(finite.max()) if finite.numel() else 0.0
