@@ -6,5 +6,7 @@ from ._version import __version__
 from ._backend import build_info
 from .ops import slice_moments
 from .reference import MOMENTS
+from .symmetry.family import SymmetryFamily
+from .tracker import SymmetryTracker
 
-__all__ = ["__version__", "MOMENTS", "build_info", "slice_moments"]
+__all__ = ["__version__", "MOMENTS", "build_info", "slice_moments", "SymmetryFamily", "SymmetryTracker"]

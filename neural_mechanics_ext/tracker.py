@@ -14,8 +14,10 @@ schedules need nothing special.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -63,11 +65,14 @@ class SymmetryTracker:
             every step; maxima in ``summary()`` cover every step).
         flush_every: steps per device-to-host block; bounds the device ring buffer.
         sinks: objects with ``write(rows)`` / ``close()`` (see ``neural_mechanics_ext.sinks``).
+        out_dir: write the standard run-folder sinks there (metrics.csv, metrics.jsonl, groups/*.npz,
+            TensorBoard when installed); ``sinks.read_run(out_dir)`` reads them back.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_inputs=None, *,
                  families: Optional[Sequence[SymmetryFamily]] = None, loss: Optional[str] = "cross_entropy",
-                 log_every: int = 1, flush_every: int = 50, sinks: Sequence[Any] = ()):
+                 log_every: int = 1, flush_every: int = 50, sinks: Sequence[Any] = (),
+                 out_dir: Optional[str] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"SymmetryTracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if log_every < 1 or flush_every < 1:
@@ -85,6 +90,9 @@ class SymmetryTracker:
         self.model, self.optimizer = model, optimizer
         self.log_every, self.flush_every = int(log_every), int(flush_every)
         self.sinks = list(sinks)
+        if out_dir is not None:
+            from .sinks import run_sinks
+            self.sinks += run_sinks(out_dir)
 
         named = dict(model.named_parameters(remove_duplicate=False))
         group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -114,6 +122,9 @@ class SymmetryTracker:
         self._group_sizes = [len(g["params"]) for g in optimizer.param_groups]
         self.theory_supported, self.theory_reason = self._optimizer_support(optimizer)
         self._batches = self._make_batches()
+        if not self.theory_supported:
+            for b in self._batches:
+                b.invalid = self.theory_reason
 
         G = self.plan.num_groups
         self._ring = [torch.empty((self.flush_every, G, WIDTH), dtype=torch.float64, device=self.device)
@@ -127,6 +138,7 @@ class SymmetryTracker:
         self._time = [0.0] * len(optimizer.param_groups)
         self._closed = False
         self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        atexit.register(_close_at_exit, weakref.ref(self))  # flush what is buffered if the script ends
 
     # ---- setup ------------------------------------------------------------------------------------
     @staticmethod
@@ -255,13 +267,17 @@ class SymmetryTracker:
                     b.integrators = {"exact": ExactIntegrator(b.kind, Mb),
                                      "paper": PaperIntegrator(b.kind, Mb, "paper"),
                                      "modified": PaperIntegrator(b.kind, Mb, "modified")}
-                if problem and b.invalid is None:
-                    b.invalid, b.invalid_step = problem, k
+                # The prediction of step k rests on steps before k; a failed assumption at step k
+                # ends the predictions from step k + 1 on.
                 if b.invalid is None:
                     for name, integ in b.integrators.items():
                         if name == "exact" or not integ.unsupported:
                             preds[name][t, b.groups] = integ.prediction()
-                        integ.advance(hp, Mb)
+                    if problem:
+                        b.invalid, b.invalid_step = problem, k
+                    else:
+                        for integ in b.integrators.values():
+                            integ.advance(hp, Mb)
                 if b.kind == "scale":
                     angular[t, b.groups] = angular_update(Mb, hp)
                 lr[t, b.groups] = float(hp.lr)
@@ -307,8 +323,6 @@ class SymmetryTracker:
         missing_buffer = [t for t in b.params if t in rec["no_buffer"]]
         first = h["momentum"] != 0 and len(missing_buffer) == len(b.params)
         hp = StepHyper(h["lr"], h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"], first)
-        if not self.theory_supported:
-            return hp, self.theory_reason
         if any(x != h for x in hs[1:]):
             diff = sorted(k for k in h if any(x[k] != h[k] for x in hs[1:]))
             return hp, (f"parameters of one group have different optimizer settings ({', '.join(diff)}); "
@@ -339,8 +353,10 @@ class SymmetryTracker:
             h = self._history[f.name]
             b = batch_of[fi]
             failed = []
-            if b.invalid:
-                failed.append(f"from step {b.invalid_step}: {b.invalid}")
+            if b.invalid and b.invalid_step is None:
+                failed.append(b.invalid)
+            elif b.invalid:
+                failed.append(f"from step {b.invalid_step}: {b.invalid} (no predictions after it)")
             for name in ("paper", "modified"):
                 reason = getattr(b.integrators.get(name), "unsupported", None)
                 if reason:
@@ -355,6 +371,39 @@ class SymmetryTracker:
                          **{f"error_{p}": float("nan") for p in PREDICTIONS}, "residual": float("nan"),
                          "assumptions": [f"not tracked: {reason}"]})
         return rows
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume: integrator states, clocks, history and running maxima.
+
+        Store it in your checkpoint next to the model's and the optimizer's; a tracker built the same way
+        and given ``load_state_dict`` continues with the same history as an uninterrupted run."""
+        self.sync()
+        return {
+            "version": 1, "families": [f.name for f in self.families], "step": self.step,
+            "processed": self._processed, "time": list(self._time),
+            "batches": [{"integrators": {n: i.state_dict() for n, i in b.integrators.items()},
+                         "invalid": b.invalid, "invalid_step": b.invalid_step} for b in self._batches],
+            "history": {name: h.state_dict() for name, h in self._history.items()},
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of a tracker that watched the same families."""
+        if sd.get("families") != [f.name for f in self.families]:
+            raise ValueError("SymmetryTracker.load_state_dict: the saved tracker watched other families: "
+                             f"{sd.get('families')} vs {[f.name for f in self.families]}")
+        if self.step != self._processed or self._fill or self._pending:
+            raise RuntimeError("SymmetryTracker.load_state_dict: call it before the first optimizer step")
+        self.step, self._processed, self._time = int(sd["step"]), int(sd["processed"]), list(sd["time"])
+        for b, bsd in zip(self._batches, sd["batches"]):
+            b.invalid, b.invalid_step = bsd["invalid"], bsd["invalid_step"]
+            b.integrators = {}
+            dummy = torch.zeros((len(b.groups), 9), dtype=torch.float64)
+            for name, isd in bsd["integrators"].items():
+                integ = ExactIntegrator(b.kind, dummy) if name == "exact" else PaperIntegrator(b.kind, dummy, name)
+                integ.load_state_dict(isd)
+                b.integrators[name] = integ
+        for name, h in self._history.items():
+            h.load_state_dict(sd["history"][name])
 
     def close(self):
         """Process what is left, write it to the sinks, close them and remove the hook."""
@@ -371,6 +420,15 @@ class SymmetryTracker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _close_at_exit(ref):
+    tracker = ref()
+    if tracker is not None and not tracker._closed:
+        try:
+            tracker.close()
+        except Exception as exc:  # the interpreter is going down: report, do not raise
+            warnings.warn(f"SymmetryTracker: could not flush at exit: {exc}")
 
 
 def _read_hyper(group: dict) -> dict:
@@ -414,6 +472,17 @@ class _FamilyHistory:
             rows[f"{p}_sum"] = cols[p][logged].sum(1).numpy()
         self.blocks.append(rows)
         return rows
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"arrays": self.arrays(), "steps": self.steps, "max_abs_error": dict(self.max_abs_error),
+                "predicted": dict(self.predicted), "max_magnitude": self.max_magnitude,
+                "max_residual": self.max_residual}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.blocks = [dict(sd["arrays"])] if sd["arrays"] else []
+        self.steps = sd["steps"]
+        self.max_abs_error, self.predicted = dict(sd["max_abs_error"]), dict(sd["predicted"])
+        self.max_magnitude, self.max_residual = sd["max_magnitude"], sd["max_residual"]
 
     def arrays(self) -> Dict[str, np.ndarray]:
         if not self.blocks:
