@@ -58,11 +58,14 @@ class MomentPlan:
             members.append([(slot(n, v, f), v, s) for n, v, s in f.members])
         # Rows of the slice_moments result: by tensor, then view, then k.
         row = 0
+        self.first_row: List[int] = []  # first result row of each tensor; rows of tensors [i, j) are contiguous
         for t, vs in enumerate(self.views):
+            self.first_row.append(row)
             for v in vs:
                 row_of[(t, v)] = row
                 row += v[1]
         self.num_slices = row
+        self.first_row.append(row)
 
         # Group g sums its member slices: a padded [groups, max_members] gather (padding points at an
         # extra zero row) keeps the reduction deterministic on every device, unlike a scatter-add.
@@ -87,9 +90,16 @@ class MomentPlan:
         return self
 
     def slice_moments(self, grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                      buffers: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
-        """The one fused pass: moments of (θ, g, v) for every slice of every view, ``[slices, 9]``."""
-        return slice_moments(self.params, self.views, grads, buffers)
+                      buffers: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                      tensors: Optional[range] = None) -> torch.Tensor:
+        """The one fused pass: moments of (θ, g, v) for every slice of every view, ``[slices, 9]``.
+
+        ``tensors`` restricts it to a range of the plan's tensors (then ``grads``/``buffers`` hold that
+        range's entries); the result is rows ``first_row[start] : first_row[stop]`` of the full one."""
+        if tensors is None:
+            return slice_moments(self.params, self.views, grads, buffers)
+        return slice_moments(self.params[tensors.start:tensors.stop], self.views[tensors.start:tensors.stop],
+                             grads, buffers)
 
     def group_moments(self, S: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-group moments ``[groups, 9]``: signed (rescale's outgoing side counts −1) and unsigned."""

@@ -25,12 +25,15 @@ def slice_moments_reference(
     whatever is absent counts as zeros.  Inputs are assumed valid (see ``ops._check_inputs``).
     """
     device = xs[0].device if len(xs) else torch.device("cpu")
-    rows = []
+    rows, flat, flat_of = [], None, None
     for v in range(0, len(view_table), 4):
         i, a, k, b = view_table[v : v + 4]
-        x = xs[i].detach().reshape(-1).to(torch.float64).view(a, k, b)
-        y = _as_f64_view(ys, i, x, a, k, b)
-        z = _as_f64_view(zs, i, x, a, k, b)
+        if flat_of != i:  # upcast each tensor once, whatever the number of its views
+            flat_of = i
+            flat = [None if t is None else t.detach().reshape(-1).to(torch.float64)
+                    for t in (xs[i], _entry(ys, i), _entry(zs, i))]
+        x, y, z = (torch.zeros(a, k, b, dtype=torch.float64, device=device) if t is None else t.view(a, k, b)
+                   for t in flat)
         cols = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
         rows.append(torch.stack([c.sum(dim=(0, 2)) for c in cols], dim=1))
     if not rows:
@@ -38,8 +41,5 @@ def slice_moments_reference(
     return torch.cat(rows, dim=0)
 
 
-def _as_f64_view(ts, i, like, a, k, b):
-    t = ts[i] if len(ts) else None
-    if t is None:
-        return torch.zeros_like(like)
-    return t.detach().reshape(-1).to(torch.float64).view(a, k, b)
+def _entry(ts, i):
+    return ts[i] if len(ts) else None

@@ -15,7 +15,9 @@ schedules need nothing special.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -67,16 +69,24 @@ class SymmetryTracker:
         sinks: objects with ``write(rows)`` / ``close()`` (see ``neural_mechanics_ext.sinks``).
         out_dir: write the standard run-folder sinks there (metrics.csv, metrics.jsonl, groups/*.npz,
             TensorBoard when installed); ``sinks.read_run(out_dir)`` reads them back.
+        hook: "optimizer" (default) reads everything in the optimizer's step pre-hook.  "backward" starts
+            the moment work per bucket of about ``bucket_elems`` elements as soon as its gradients are
+            accumulated (on a side stream on CUDA, overlapping the rest of the backward pass).  Before
+            the step it checks that no gradient changed since (clipping, unscaling and accumulation
+            modify them in place, which bumps their version counter) and redoes any bucket that did,
+            so both modes record the same numbers.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_inputs=None, *,
                  families: Optional[Sequence[SymmetryFamily]] = None, loss: Optional[str] = "cross_entropy",
                  log_every: int = 1, flush_every: int = 50, sinks: Sequence[Any] = (),
-                 out_dir: Optional[str] = None):
+                 out_dir: Optional[str] = None, hook: str = "optimizer", bucket_elems: int = 1 << 24):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"SymmetryTracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if log_every < 1 or flush_every < 1:
             raise ValueError("SymmetryTracker: log_every and flush_every must be positive")
+        if hook not in ("optimizer", "backward"):
+            raise ValueError(f"SymmetryTracker: hook must be 'optimizer' or 'backward', got {hook!r}")
         if families is None:
             if example_inputs is None:
                 raise ValueError("SymmetryTracker: pass example_inputs (a batch the model accepts) so that "
@@ -137,7 +147,11 @@ class SymmetryTracker:
         self._history = {f.name: _FamilyHistory(f) for f in kept}
         self._time = [0.0] * len(optimizer.param_groups)
         self._closed = False
-        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+        self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0}
+        self.hook = hook
+        self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
+        if hook == "backward":
+            self._setup_backward_mode(bucket_elems)
         atexit.register(_close_at_exit, weakref.ref(self))  # flush what is buffered if the script ends
 
     # ---- setup ------------------------------------------------------------------------------------
@@ -184,13 +198,20 @@ class SymmetryTracker:
         return list(by_key.values())
 
     # ---- the step path ------------------------------------------------------------------------------
+    def _buffers(self, tensors: range) -> List[Optional[torch.Tensor]]:
+        state = self.optimizer.state
+        return [state[p].get("momentum_buffer") if p in state else None for p in self.plan.params[tensors.start:tensors.stop]]
+
     def _pre_step(self, optimizer, args, kwargs):
+        start = time.perf_counter()
         self._check_unchanged()
         params = self.plan.params
         grads = [p.grad for p in params]
-        state = optimizer.state
-        buffers = [state[p].get("momentum_buffer") if p in state else None for p in params]
-        S = self.plan.slice_moments(grads, buffers)
+        buffers = self._buffers(range(len(params)))
+        if self.hook == "backward":
+            S = self._gather_buckets(grads)
+        else:
+            S = self.plan.slice_moments(grads, buffers)
         signed, unsigned = self.plan.group_moments(S)
         row = self._ring[self._ring_index][self._fill]
         row[:, :9].copy_(signed)
@@ -202,8 +223,69 @@ class SymmetryTracker:
         })
         self._fill += 1
         self.step += 1
+        self.timing["hook_seconds"] += time.perf_counter() - start
         if self._fill == self.flush_every:
             self._flush()
+
+    # ---- backward mode -------------------------------------------------------------------------------
+    def _setup_backward_mode(self, bucket_elems: int):
+        self._buckets: List[range] = []
+        start, size = 0, 0
+        for t, p in enumerate(self.plan.params):
+            size += p.numel()
+            if size >= bucket_elems or t == len(self.plan.params) - 1:
+                self._buckets.append(range(start, t + 1))
+                start, size = t + 1, 0
+        self._bucket_of = {t: b for b, r in enumerate(self._buckets) for t in r}
+        self._ready: set = set()
+        self._launched: Dict[int, Tuple[torch.Tensor, list]] = {}
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._warned_accumulation = False
+        for t, p in enumerate(self.plan.params):
+            self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, t)))
+
+    @staticmethod
+    def _grad_stamp(grads):
+        return [None if g is None else (id(g), g._version) for g in grads]
+
+    def _on_grad(self, t: int, param: torch.Tensor):
+        start = time.perf_counter()
+        if t in self._ready and not self._warned_accumulation:  # a second backward before the step
+            self._warned_accumulation = True
+            warnings.warn("SymmetryTracker(hook='backward'): gradients are accumulated over several backward "
+                          "passes; the moments are taken at the optimizer step instead", stacklevel=2)
+        self._ready.add(t)
+        b = self._bucket_of[t]
+        r = self._buckets[b]
+        if all(i in self._ready for i in r):
+            grads = [p.grad for p in self.plan.params[r.start:r.stop]]
+            if self._side is not None:
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._side):
+                    out = self.plan.slice_moments(grads, self._buffers(r), tensors=r)
+                for g in grads:
+                    if g is not None:
+                        g.record_stream(self._side)
+            else:
+                out = self.plan.slice_moments(grads, self._buffers(r), tensors=r)
+            self._launched[b] = (out, self._grad_stamp(grads))
+        self.timing["hook_seconds"] += time.perf_counter() - start
+
+    def _gather_buckets(self, grads) -> torch.Tensor:
+        """The moments of every bucket: launched during backward when still valid, else computed now."""
+        if self._side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        pieces = []
+        for b, r in enumerate(self._buckets):
+            launched = self._launched.get(b)
+            now = grads[r.start:r.stop]
+            if launched is None or self._warned_accumulation or launched[1] != self._grad_stamp(now):
+                pieces.append(self.plan.slice_moments(now, self._buffers(r), tensors=r))
+            else:
+                pieces.append(launched[0])
+        self._ready.clear()
+        self._launched.clear()
+        return torch.cat(pieces)
 
     def _check_unchanged(self):
         for (module, attr), p in zip(self._module_slots, self.plan.params):
@@ -250,12 +332,13 @@ class SymmetryTracker:
     # ---- host processing ----------------------------------------------------------------------------
     def _process_block(self, block: torch.Tensor, hypers: List[dict]):
         """Integrate the predictions over one block of steps and add its rows to the history."""
+        start = time.perf_counter()
         T, G = len(hypers), self.plan.num_groups
         M = block[:T].to(torch.float64)
         preds = {name: torch.full((T, G), float("nan"), dtype=torch.float64) for name in PREDICTIONS}
         angular = torch.full((T, G), float("nan"), dtype=torch.float64)
         lr = torch.zeros((T, G), dtype=torch.float64)
-        time = torch.zeros((T, G), dtype=torch.float64)
+        elapsed = torch.zeros((T, G), dtype=torch.float64)
         for t, rec in enumerate(hypers):
             k = self._processed + t
             for b in self._batches:
@@ -281,7 +364,7 @@ class SymmetryTracker:
                 if b.kind == "scale":
                     angular[t, b.groups] = angular_update(Mb, hp)
                 lr[t, b.groups] = float(hp.lr)
-                time[t, b.groups] = self._time[b.param_groups[0]]
+                elapsed[t, b.groups] = self._time[b.param_groups[0]]
             for i, h in enumerate(rec["groups"]):
                 self._time[i] += float(h["lr"])
         steps = torch.arange(self._processed, self._processed + T)
@@ -299,7 +382,7 @@ class SymmetryTracker:
         residual = torch.where(scale > 0, along / scale, torch.zeros_like(along))
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
                    "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n, "angular_update": angular,
-                   "lr": lr, "t": time, **preds}
+                   "lr": lr, "t": elapsed, **preds}
         logged = (steps % self.log_every) == 0
         new_rows = {}
         for fi, f in enumerate(self.families):
@@ -307,6 +390,7 @@ class SymmetryTracker:
             new_rows[f.name] = self._history[f.name].add(steps, logged, {c: v[:, sl] for c, v in columns.items()})
         for sink in self.sinks:
             sink.write(new_rows)
+        self.timing["process_seconds"] += time.perf_counter() - start
 
     @property
     def _translation_mask(self) -> torch.Tensor:
@@ -410,7 +494,8 @@ class SymmetryTracker:
         if self._closed:
             return
         self.sync()
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         for sink in self.sinks:
             sink.close()
         self._closed = True
