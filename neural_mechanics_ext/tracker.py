@@ -74,19 +74,30 @@ class SymmetryTracker:
             accumulated (on a side stream on CUDA, overlapping the rest of the backward pass).  Before
             the step it checks that no gradient changed since (clipping, unscaling and accumulation
             modify them in place, which bumps their version counter) and redoes any bucket that did,
-            so both modes record the same numbers.
+            so both modes record the same numbers.  Single-device runs only.
+        ranks: under torch.distributed, "all" (default) tracks on every rank, "rank0" on rank 0 only
+            (DDP: every rank holds the same parameters and all-reduced gradients, so the others can skip
+            the work).  FSDP2-sharded parameters need "all": each rank reads its shard and one small
+            all_reduce per step combines them.  Sinks write on rank 0 only.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_inputs=None, *,
                  families: Optional[Sequence[SymmetryFamily]] = None, loss: Optional[str] = "cross_entropy",
                  log_every: int = 1, flush_every: int = 50, sinks: Sequence[Any] = (),
-                 out_dir: Optional[str] = None, hook: str = "optimizer", bucket_elems: int = 1 << 24):
+                 out_dir: Optional[str] = None, hook: str = "optimizer", bucket_elems: int = 1 << 24,
+                 ranks: str = "all"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"SymmetryTracker: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if log_every < 1 or flush_every < 1:
             raise ValueError("SymmetryTracker: log_every and flush_every must be positive")
         if hook not in ("optimizer", "backward"):
             raise ValueError(f"SymmetryTracker: hook must be 'optimizer' or 'backward', got {hook!r}")
+        if ranks not in ("all", "rank0"):
+            raise ValueError(f"SymmetryTracker: ranks must be 'all' or 'rank0', got {ranks!r}")
+        if any(type(p).__name__ == "FlatParameter" for p in model.parameters()):
+            raise ValueError("SymmetryTracker: FSDP1 (FullyShardedDataParallel) flattens parameters, which hides "
+                             "their layout; use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         if families is None:
             if example_inputs is None:
                 raise ValueError("SymmetryTracker: pass example_inputs (a batch the model accepts) so that "
@@ -99,8 +110,8 @@ class SymmetryTracker:
                              "declare families by hand with nmx.SymmetryFamily if discovery cannot see them")
         self.model, self.optimizer = model, optimizer
         self.log_every, self.flush_every = int(log_every), int(flush_every)
-        self.sinks = list(sinks)
-        if out_dir is not None:
+        self.sinks = list(sinks) if rank == 0 else []
+        if out_dir is not None and rank == 0:
             from .sinks import run_sinks
             self.sinks += run_sinks(out_dir)
 
@@ -126,6 +137,10 @@ class SymmetryTracker:
             raise ValueError(f"SymmetryTracker: tracked parameters are on several devices {sorted(map(str, devices))}")
         self.device = devices.pop()
         self.plan.to(self.device)
+        from .distributed import ShardedMoments, is_dtensor
+        self._sharded = ShardedMoments(self.plan) if any(is_dtensor(p) for p in self.plan.params) else None
+        if self._sharded is not None and (hook == "backward" or ranks == "rank0"):
+            raise ValueError("SymmetryTracker: sharded (FSDP2) parameters need hook='optimizer' and ranks='all'")
         self._offsets = self.plan.offsets
         self._module_slots = [self._owner(model, n) for n in self.plan.names]
         self._param_group = [group_of[id(p)] for p in self.plan.params]
@@ -149,7 +164,10 @@ class SymmetryTracker:
         self._closed = False
         self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0}
         self.hook = hook
-        self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
+        self._handles = []
+        if ranks == "rank0" and rank != 0:
+            return  # this rank only trains; rank 0 tracks
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         if hook == "backward":
             self._setup_backward_mode(bucket_elems)
         atexit.register(_close_at_exit, weakref.ref(self))  # flush what is buffered if the script ends
@@ -208,7 +226,9 @@ class SymmetryTracker:
         params = self.plan.params
         grads = [p.grad for p in params]
         buffers = self._buffers(range(len(params)))
-        if self.hook == "backward":
+        if self._sharded is not None:
+            S = self._sharded(grads, buffers)
+        elif self.hook == "backward":
             S = self._gather_buckets(grads)
         else:
             S = self.plan.slice_moments(grads, buffers)
