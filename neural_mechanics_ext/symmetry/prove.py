@@ -39,7 +39,7 @@ import contextlib
 import copy
 import difflib
 import math
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _backend
-from ..plan import MomentPlan
 from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
 from .family import SymmetryFamily
+
+if TYPE_CHECKING:
+    from ..plan import MomentPlan
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
@@ -197,7 +199,7 @@ def validate_families(model: torch.nn.Module, families: Sequence[SymmetryFamily]
 
 
 # ---------------------------------------------------------------------- residuals
-def plan_moments(plan: MomentPlan, ys: Sequence[Optional[torch.Tensor]],
+def plan_moments(plan: "MomentPlan", ys: Sequence[Optional[torch.Tensor]],
                  zs: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
     """``plan.slice_moments(ys, zs)``, with a lean path when the compiled op is not built.
 
@@ -243,6 +245,8 @@ def group_residuals(families: Sequence[SymmetryFamily], named: Dict[str, torch.T
     ``limit_for``, ``z = g`` with normaliser eps → 0.  Returns the residuals for ``y`` and (None where
     not flagged) for ``z``.
     """
+    from ..plan import MomentPlan   # plan imports symmetry.family: import here to avoid a cycle
+
     plan = MomentPlan(families, named)
     need_z = set()
     for fam, flag in zip(families, limit_for):
