@@ -308,6 +308,53 @@ def test_shared_and_tied_parameters_are_refused():
         assert "tied" in reason or "used by 2 calls" in reason
 
 
+def test_less_common_dataflow():
+    torch.manual_seed(0)
+    model = Z.Kitchen()
+    x = torch.randn(2, 3, 4, 4)
+    fams, rejected = find_symmetries(model, x, return_rejected=True)
+    # c0 → ReLU → reflect pad (inside c1) → c1; c1 → ReLU → nearest upsampling → c2 (1x1);
+    # c2 → ReLU → flatten/transpose → tokens @ P: rows of P compensate (P[k, :], view (1, 4, 6)).
+    # v → scaled_dot_product_attention (linear in the value) → o; o → mean over tokens → item
+    # assignment into a zero buffer → a.  q and k go through the attention logits: nothing.
+    # a → ReLU → cat([u[:, 3:], u[:, :3]]) → b: unit k reaches b's column (k+3) % 6, which no
+    # (A, K, B) view with the units in order expresses: refused.  b → CE: columns + bias.
+    expected = {
+        S("rescale", W("c0.weight", (1, 4, 27)), W("c0.bias", (1, 4, 1)), W("c1.weight", (4, 4, 9), -1)),
+        S("rescale", W("c1.weight", (1, 4, 36)), W("c1.bias", (1, 4, 1)), W("c2.weight", (4, 4, 1), -1)),
+        S("rescale", W("c2.weight", (1, 4, 4)), W("c2.bias", (1, 4, 1)), W("P", (1, 4, 6), -1)),
+        S("rescale", W("v.weight", (1, 6, 6)), W("v.bias", (1, 6, 1)), W("o.weight", (6, 6, 1), -1)),
+        S("rescale", W("o.weight", (1, 6, 6)), W("o.bias", (1, 6, 1)), W("a.weight", (6, 6, 1), -1)),
+        S("translation", W("b.weight", (3, 6, 1))),
+        S("translation", W("b.bias", (1, 1, 3))),
+    }
+    assert fam_set(fams) == expected
+    check_all_pass(fams)
+    assert any(f.name == "c2 → P (rescale)" for f in fams)
+    assert len(rejected) == 1 and rejected[0].family is None and "a → b" in rejected[0].reason
+    for f in fams:
+        assert float(oracle_residuals(model, f, x, lambda o: ce(o, 3)).max()) < 1e-10, f.name
+
+
+def test_in_place_update_through_a_view_is_not_trusted():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = F.relu(self.l1(x)).clone()
+            h[:, :2].add_(1.0)          # writes into h through a view: h is no longer homogeneous
+            return self.l3(F.relu(self.l2(h)))
+
+    torch.manual_seed(0)
+    fams, rejected = find_symmetries(Alias(), torch.randn(5, 4), return_rejected=True)
+    # The capture sees h's version counter change behind its back, so l1 → l2 is not even proposed.
+    assert {f.name for f in fams} == {"l2 → l3 (rescale)", "l3 (translation, columns)", "l3 (translation, bias)"}
+    assert rejected == []
+    check_all_pass(fams)
+
+
 # ---------------------------------------------------------------------------------------- BatchNorm
 def test_conv_bn_train_and_eval():
     torch.manual_seed(0)

@@ -43,6 +43,8 @@ SCALE, SHIFT = "scale", "shift"
 
 _IDENTITY = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu",
              "cuda", "requires_grad", "positive", "alias", "identity"}
+_VALUE_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+               "new_zeros", "new_ones", "new_empty", "new_full", "size", "numel", "dim"}
 _HOMOGENEOUS = {"relu", "leaky_relu", "rrelu", "prelu", "abs"}   # σ(αx) = ασ(x) for α > 0
 _DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
 _MOVE = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
@@ -120,7 +122,10 @@ def _op_layer(node: Node, graph: Graph) -> str:
         a = _bind(node, args, kwargs).get(key)
         if isinstance(a, Value) and a.kind == "param":
             return layer_name(a.name)
-    return node.module or f"{node.op}#{node.index}"
+    for v in node.inputs:
+        if v.kind == "param":
+            return layer_name(v.name)
+    return f"{node.op}#{node.index}"
 
 
 def _sig(op: str) -> Tuple[str, ...]:
@@ -342,6 +347,8 @@ class _Propagation:
         op = node.op
         args, kwargs = node.call_args()
         reached = [v for v in node.inputs if v in self.g]
+        if op in _VALUE_FREE:
+            return None         # the result does not depend on the values: nothing is perturbed
         if op in _IDENTITY:
             return self.unary(node, args)
         if op in _MOVE:
