@@ -209,3 +209,19 @@ class Kitchen(nn.Module):
         u = F.relu(self.a(w))
         u = torch.cat([u[:, 3:], u[:, :3]], dim=1)                     # units reach b permuted
         return self.b(u)
+
+
+class Dims(nn.Module):
+    """Conv1d/BatchNorm1d and Conv3d paths, a Linear → BatchNorm1d, two inputs, two heads summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Conv1d(4, 5, 3)
+        self.l, self.bn2, self.head_a = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.c3, self.c4, self.head_b = nn.Conv3d(2, 3, 2), nn.Conv3d(3, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x1, x3):
+        a = F.relu(self.c2(F.relu(self.bn(self.c1(x1))))).mean(-1)
+        a = F.relu(self.bn2(self.l(a)))
+        b = F.relu(self.c4(F.relu(self.c3(x3)))).mean((2, 3, 4))
+        return self.head_a(a) + self.head_b(b)
