@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from .. import _backend
 from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
