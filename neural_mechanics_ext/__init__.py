@@ -6,7 +6,8 @@ from ._version import __version__
 from ._backend import build_info
 from .ops import slice_moments
 from .reference import MOMENTS
-from .symmetry.family import SymmetryFamily
+from .symmetry import Rejected, SymmetryFamily, describe, find_symmetries, prove_families
 from .tracker import SymmetryTracker
 
-__all__ = ["__version__", "MOMENTS", "build_info", "slice_moments", "SymmetryFamily", "SymmetryTracker"]
+__all__ = ["__version__", "MOMENTS", "build_info", "slice_moments", "SymmetryFamily", "find_symmetries",
+           "prove_families", "describe", "Rejected", "SymmetryTracker"]

@@ -6,12 +6,14 @@ gather + signed scatter-add over the small ``[slices, 9]`` result.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .ops import slice_moments
-from .symmetry.family import SymmetryFamily
+
+if TYPE_CHECKING:  # symmetry/ imports this module (to prove families): no import at run time
+    from .symmetry.family import SymmetryFamily
 
 
 class MomentPlan:
@@ -26,7 +28,7 @@ class MomentPlan:
         counts: float64 ``[groups]``, number of parameter elements in each group.
     """
 
-    def __init__(self, families: Sequence[SymmetryFamily], named_parameters: Dict[str, torch.Tensor]):
+    def __init__(self, families: Sequence["SymmetryFamily"], named_parameters: Dict[str, torch.Tensor]):
         if not families:
             raise ValueError("MomentPlan: no symmetry families to track")
         self.families = list(families)

@@ -49,7 +49,7 @@ import contextlib
 import copy
 import difflib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +57,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .. import _backend
+from ..plan import MomentPlan
 from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
 from .family import SymmetryFamily
-
-if TYPE_CHECKING:
-    from ..plan import MomentPlan
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
@@ -267,8 +265,6 @@ def group_residuals(families: Sequence[SymmetryFamily], named: Dict[str, torch.T
     ``limit_for``, ``z = g`` with normaliser eps → 0.  Returns the residuals for ``y`` and (None where
     not flagged) for ``z``.
     """
-    from ..plan import MomentPlan   # plan imports symmetry.family: import here to avoid a cycle
-
     plan = MomentPlan(families, named)
     need_z = set()
     for fam, flag in zip(families, limit_for):
