@@ -29,6 +29,7 @@ import torch
 from .plan import MomentPlan
 from .reference import MOMENTS
 from .symmetry.family import SymmetryFamily
+from .symmetry.residual import constraint_residual
 from .theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
 
 COL = {name: i for i, name in enumerate(MOMENTS)}
@@ -393,13 +394,14 @@ class SymmetryTracker:
         translation = self._translation_mask
         n = M[:, :, COL["xx"]]
         empirical = torch.where(translation, M[:, :, COL["x"]], n)
-        norm_theta, norm_grad = M[:, :, UNSIGNED_XX].sqrt(), M[:, :, UNSIGNED_YY].sqrt()
-        magnitude = torch.where(translation, torch.maximum(M[:, :, COL["x"]].abs(), norm_theta),
+        magnitude = torch.where(translation, torch.maximum(M[:, :, COL["x"]].abs(), M[:, :, UNSIGNED_XX].sqrt()),
                                 M[:, :, UNSIGNED_XX])
-        # Gradient-constraint residuals (THEORY §1.1): the cosine between g_A and the generator.
-        along = torch.where(translation, M[:, :, COL["y"]], M[:, :, COL["xy"]]).abs()
-        scale = norm_grad * torch.where(translation, self.plan.counts.cpu().sqrt(), norm_theta)
-        residual = torch.where(scale > 0, along / scale, torch.zeros_like(along))
+        # Gradient-constraint residuals (THEORY §1.1), the same number the proof of a family reports; the
+        # typical gradient element ḡ of each step is taken over the tracked groups.
+        counts = self.plan.counts.cpu()
+        g_rms_sq = (M[:, :, UNSIGNED_YY].sum(1) / counts.sum())[:, None]
+        residual = constraint_residual(translation, M[:, :, COL["y"]], M[:, :, COL["xy"]], M[:, :, UNSIGNED_XX],
+                                       M[:, :, UNSIGNED_YY], counts, g_rms_sq)
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
                    "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n, "angular_update": angular,
                    "lr": lr, "t": elapsed, **preds}

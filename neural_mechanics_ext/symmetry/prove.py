@@ -60,6 +60,7 @@ from .. import _backend
 from ..plan import MomentPlan
 from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
 from .family import SymmetryFamily
+from .residual import constraint_residual
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
@@ -287,15 +288,10 @@ def group_residuals(families: Sequence[SymmetryFamily], named: Dict[str, torch.T
 
 def _residuals(families, plan, signed, unsigned, n, gbar2, cols):
     c_sum, c_sq, c_dot = cols
-    gnorm = torch.sqrt(torch.maximum(unsigned[:, c_sq], gbar2 * n))
     out = []
-    for fam, s, u, nn, gn in zip(families, plan.split(signed), plan.split(unsigned), plan.split(n),
-                                 plan.split(gnorm)):
-        if fam.kind == "translation":
-            num, den = s[:, c_sum].abs(), gn * torch.sqrt(nn)
-        else:
-            num, den = s[:, c_dot].abs(), gn * torch.sqrt(u[:, 3])
-        res = torch.where(num == 0, torch.zeros_like(num), num / den)
+    for fam, s, u, nn in zip(families, plan.split(signed), plan.split(unsigned), plan.split(n)):
+        translation = torch.full_like(nn, fam.kind == "translation", dtype=torch.bool)
+        res = constraint_residual(translation, s[:, c_sum], s[:, c_dot], u[:, 3], u[:, c_sq], nn, gbar2)
         out.append(res.cpu())
     return out
 
