@@ -126,7 +126,9 @@ std::shared_ptr<const Plan> build_plan(const std::vector<int64_t>& numels,
   std::vector<std::vector<InView>> per_tensor(numels.size());
   int64_t row = 0;
   for (size_t q = 0; q + 3 < views_flat.size(); q += 4) {
-    const int64_t t = views_flat[q], K = views_flat[q + 2], B = views_flat[q + 3];
+    const int64_t t = views_flat[q], K = views_flat[q + 2];
+    // A view with one slice is the whole tensor whatever its A and B: (1, 1, N) lays out best.
+    const int64_t B = K == 1 ? numels[t] : views_flat[q + 3];
     if (numels[t] > 0) per_tensor[t].push_back({K, B, row});  // empty tensors: rows stay zero
     row += K;
   }

@@ -100,8 +100,8 @@ def test_more_than_2_24_elements_accumulate_in_double(device):
     x = torch.ones(n, device=device)
     out = nmx.slice_moments([x], [[(1, 1, n), (n, 1, 1)]])   # one row of n, n rows of one
     assert out[:, 0].tolist() == [n, n] and out[:, 3].tolist() == [n, n]
-    y = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
-    assert_close_to_reference([y.view(-1, 1)], [[(1, n, 1), (1, 1, n)]])
+    w = torch.randn(4097, 4099, generator=torch.Generator().manual_seed(0)).to(device)  # > 2**24, rows + columns
+    assert_close_to_reference([w], [[(1, 4097, 4099), (4097, 4099, 1), (1, 1, w.numel())]])
 
 
 def test_nan_and_inf_stay_in_their_slices(device):
