@@ -1,5 +1,5 @@
 """Hessian constraints of the symmetries (THEORY.md §1.1): true families pass, false ones fail, the fused
-per-group reduction agrees with a dense Hessian, the model is never touched, the CLI entry point."""
+per-group reduction agrees with a dense Hessian, the model is never touched, tracker and CLI entry points."""
 import copy
 import os
 import subprocess
@@ -413,6 +413,29 @@ def test_fused_reduction_agrees_with_dense_hessian():
 
 
 # ------------------------------------------------------------------------------- entry points and errors
+def test_tracker_hessian_check():
+    torch.manual_seed(0)
+    model = build_preset("mlp", image_size=8)
+    x, y = batch_of((3, 8, 8), 10, 16, torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = nmx.SymmetryTracker(model, opt, example_inputs=x)
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        before = snapshot(model)
+        state = copy.deepcopy(opt.state_dict())
+        report = tracker.hessian_check(F.cross_entropy, (x, y))
+        assert_unchanged(before, snapshot(model))
+        assert str(opt.state_dict()) == str(state) and tracker.step == 2
+        assert_report(report, tracker.families)
+        assert all(r["passed"] for r in report)
+        assert nmx.hessian_check is hessian_check
+    finally:
+        tracker.close()
+
+
 def test_cli_check_mlp(capsys):
     rc = cli.main(["check", "--model", "mlp", "--batch", "8", "--image-size", "8", "--repeats", "1"])
     out = capsys.readouterr().out
