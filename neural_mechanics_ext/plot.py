@@ -100,6 +100,35 @@ def _log_plain(ax):
         ax.yaxis.set_minor_locator(LogLocator(subs=(2, 3, 5)))
 
 
+def _end_labels(ax, curves, min_gap_px: float = 11.0):
+    """Name each curve at its right end, nudging labels apart so that curves which end close together
+    (layers with equal initial norms) stay readable.  ``curves``: [(x, y, label, colour)]."""
+    ends = [(float(x[-1]), float(y[-1]), label, colour) for x, y, label, colour in curves
+            if len(x) and np.isfinite(y[-1])]
+    if not ends:
+        return
+    x0, x1 = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if x0 <= t <= x1]
+    ax.set_xlim(x0, x1 + 0.22 * (x1 - x0))     # room for the labels
+    ax.set_xticks(ticks)                       # no ticks under the labels
+    ax.get_ylim()                              # settle autoscaling before converting to pixels
+    to_px, to_data = ax.transData, ax.transData.inverted()
+    pix = sorted(((to_px.transform((x, y))[1], x, label, colour) for x, y, label, colour in ends))
+    placed = []
+    for py, x, label, colour in pix:
+        if placed and py - placed[-1][0] < min_gap_px:
+            py = placed[-1][0] + min_gap_px
+        placed.append((py, x, label, colour))
+    shift = max(0.0, placed[-1][0] - ax.bbox.y1 + 6)   # keep the stack inside the axes
+    for py, x, label, colour in placed:
+        y = to_data.transform((0, py - shift))[1]
+        r, g, b = colour[:3]
+        if 0.3 * r + 0.59 * g + 0.11 * b > 0.6:   # light colours (viridis' yellow) unreadable on white
+            colour = (0.7 * r, 0.7 * g, 0.7 * b)
+        ax.annotate(label, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=7, color=colour,
+                    va="center", ha="left", fontweight="bold")
+
+
 def _positive(y):
     return np.where(np.asarray(y) > 0, y, np.nan)
 
@@ -139,9 +168,12 @@ def plot_kind(history: Dict[str, Dict[str, np.ndarray]], families: List[dict], k
     if quiet:
         title += f" (+{len(quiet)} that stay at 0, not drawn)"
     ax.set_title(title, fontsize=10)
+    _end_labels(ax, [(history[f["name"]]["t"], history[f["name"]]["empirical_sum"], _short(family_layer(f), 26), col)
+                     for f, col in zip(fams_curves, colours)])
     ax.legend(handles=_legend_handles(), loc="best", fontsize=8, framealpha=0.85)
     ax.grid(alpha=0.3)
-    _depth_colorbar(fig, ax, [family_layer(f) for f in fams_curves])
+    if len(fams_curves) > 3:   # a few curves are named well enough by their end labels
+        _depth_colorbar(fig, ax, [family_layer(f) for f in fams_curves])
 
     if kind == "translation":
         axg = axes[1]
@@ -247,14 +279,25 @@ def plot_residuals(history, families: List[dict], path: str, hide: Sequence[str]
     fams = [f for f in families if f["name"] in history and len(history[f["name"]].get("step", ()))]
     if not fams:
         return None
-    skipped = [f for f in fams if single_parameter_groups(f) or f["name"] in set(hide)]
-    fig, axes = _figure(9, 4.8)
+    def degenerate(f):
+        # values at rounding level, or one-parameter groups measured by a residual that reads 1 for any
+        # nonzero rounding-noise gradient (a residual scaled by the typical gradient does not: keep those)
+        r = history[f["name"]]["residual"]
+        return f["name"] in set(hide) or (single_parameter_groups(f) and len(r) and np.nanmedian(r) > 0.5)
+
+    skipped = [f for f in fams if degenerate(f)]
+    fig, axes = _figure(12, 5.0)
     ax = axes[0]
     for f in fams:
         if f in skipped:
             continue
         h = history[f["name"]]
         ax.plot(h["t"], _positive(h["residual"]), color=KIND_COLOURS[f["kind"]], linewidth=1.0, alpha=0.75)
+        r = np.nan_to_num(h["residual"], nan=0.0)
+        if len(r) and r.max() > 1e-3:   # name the outliers (see the report's caption for why they occur)
+            i = int(np.argmax(r))
+            ax.annotate(family_layer(f), (h["t"][i], r[i]), xytext=(6, -2), textcoords="offset points",
+                        fontsize=8, color=KIND_COLOURS[f["kind"]], fontweight="bold")
     from matplotlib.lines import Line2D
     ax.legend(handles=[Line2D([], [], color=c, label=k) for k, c in KIND_COLOURS.items()
                        if any(f["kind"] == k for f in fams)], fontsize=8, loc="best", title="kind (one line per family)",

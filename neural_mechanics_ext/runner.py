@@ -224,36 +224,46 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def measure_overhead(model, c: RunConfig, families, batch_list, device, rounds: int) -> Dict[str, Any]:
-    """Time the same steps with and without a tracker, on two copies of the model, in alternating
-    rounds (so that load from other processes hits both alike); the real model is not touched and the
-    global RNG is restored afterwards.  Returns per-step seconds of each and the overhead in percent."""
+def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[str, Any]:
+    """Measure the tracker's cost directly: two copies of the model take the same steps, one with a
+    tracker and one without, alternating step by step so that load from other processes hits both
+    alike; the ratio of each adjacent pair of step times is robust to load spikes, and its median is
+    the overhead.  The tracked copy's host-side processing (``tracker.sync()`` at the end, timed on
+    its own) is spread over its steps.  The real model is not touched and the global RNG is restored.
+    Returns per-step seconds (medians), the overhead in percent and the quartiles of the pair ratios."""
     from .tracker import SymmetryTracker
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
         opt_plain, opt_tracked = make_optimizer(plain, c), make_optimizer(tracked, c)
-        tracker = SymmetryTracker(tracked, opt_tracked, families=families, flush_every=c.flush_every, hook=c.hook)
+        tracker = SymmetryTracker(tracked, opt_tracked, families=families, flush_every=len(batch_list) + 2,
+                                  hook=c.hook)
         run_plain, run_tracked = Stepper(plain, opt_plain, device, c.amp), Stepper(tracked, opt_tracked, device, c.amp)
         for x, y in batch_list[:2]:  # warm-up: allocations, momentum buffers, first-call costs
             run_plain(x, y), run_tracked(x, y)
+        tracker.sync()
         _sync(device)
-        times = {"plain": [], "tracked": []}
-        for _ in range(rounds):
-            for name, run in (("plain", run_plain), ("tracked", run_tracked)):
+        t_plain, t_tracked = [], []
+        for i, (x, y) in enumerate(batch_list[2:]):
+            # alternate which copy goes first, so neither always follows the other's cache effects
+            order = ((t_plain, run_plain), (t_tracked, run_tracked)) if i % 2 == 0 else \
+                ((t_tracked, run_tracked), (t_plain, run_plain))
+            for times, run in order:
                 start = time.perf_counter()
-                for x, y in batch_list:
-                    run(x, y)
-                if name == "tracked":
-                    tracker.sync()  # its host-side processing belongs to its cost
+                run(x, y)
                 _sync(device)
-                times[name].append(time.perf_counter() - start)
+                times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tracker.sync()
+        process_s = time.perf_counter() - start
         tracker.close()
-    n = rounds * len(batch_list)
-    plain_s, tracked_s = sum(times["plain"]), sum(times["tracked"])
-    per_round = [100 * (t / p - 1) for p, t in zip(times["plain"], times["tracked"])]
-    return {"steps": n, "rounds": rounds, "plain_step_seconds": plain_s / n, "tracked_step_seconds": tracked_s / n,
-            "percent": 100 * (tracked_s / plain_s - 1), "percent_per_round": per_round}
+    n = len(t_plain)
+    plain_med = float(np.median(t_plain))
+    ratios = np.array(t_tracked) / np.array(t_plain)
+    extra = process_s / n / plain_med
+    q1, med, q3 = (float(np.percentile(ratios, q)) - 1 + extra for q in (25, 50, 75))
+    return {"steps": n, "plain_step_seconds": plain_med, "tracked_step_seconds": float(np.median(t_tracked)),
+            "process_seconds": process_s, "percent": 100 * med, "percent_quartiles": [100 * q1, 100 * q3]}
 
 
 def pick_raw_weights(model, families, count: int, seed: int):
@@ -397,12 +407,10 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
 
     overhead_direct = None
     if c.calibrate_steps > 0:
-        rounds = 4
-        per_round = max(1, c.calibrate_steps // rounds)
         calib_iter = batches(spec, c.batch_size, c.seed + 2, 0 if c.data == "generated" else c.workers)
-        batch_list = [to_device(next(calib_iter)) for _ in range(per_round)]
+        batch_list = [to_device(next(calib_iter)) for _ in range(c.calibrate_steps + 2)]
         try:
-            overhead_direct = measure_overhead(model, c, families, batch_list, device, rounds)
+            overhead_direct = measure_overhead(model, c, families, batch_list, device)
         except RuntimeError as exc:  # e.g. out of memory for two extra copies: the run goes on
             overhead_direct = {"error": str(exc)}
         del batch_list, calib_iter
@@ -583,11 +591,13 @@ def format_summary(run_dir: str) -> str:
         lines.append(f"  * {len(near_zero)} families hold only rounding noise (e.g. conv biases in front of BatchNorm, "
                      "initialised at 0, have zero gradient): a relative error is meaningless there")
     o = s["overhead"]
-    text = f"Tracking overhead: {o['timers']['percent']:.1f} % of training-step time (tracker's own timers)"
+    text = (f"Tracking overhead: {o['timers']['percent']:.1f} % of training-step time (tracker's own timers, "
+            "including writing the run folder)")
     d = o.get("direct")
     if d and "percent" in d:
-        text += (f"; {d['percent']:+.1f} % measured directly ({d['steps']} steps with vs without, "
-                 f"per-round {min(d['percent_per_round']):+.0f} .. {max(d['percent_per_round']):+.0f} %)")
+        q1, q3 = d.get("percent_quartiles") or (math.nan, math.nan)
+        text += (f"; {d['percent']:+.1f} % measured directly (median of {d['steps']} paired steps with vs "
+                 f"without, quartiles {q1:+.0f} .. {q3:+.0f} %)")
     lines.append(text)
     loss = s.get("final_loss")
     if loss is not None:

@@ -61,7 +61,7 @@ def test_demo_end_to_end(demo_run):
     # The printed summary: families per kind, the error table, both overheads, the report's path.
     assert "Families found: 19 (5 scale, 7 translation, 7 rescale)" in stdout
     assert "classifier.fc1 → classifier.fc2 (rescale)" in stdout
-    assert "Tracking overhead:" in stdout and "measured directly (4 steps with vs without" in stdout
+    assert "Tracking overhead:" in stdout and "measured directly (median of 4 paired steps" in stdout
     assert f"Report: {os.path.join(out, 'report.html')}" in stdout
     assert "training" in stderr            # the progress bar
     config = json.load(open(os.path.join(out, "config.json")))
@@ -141,7 +141,7 @@ def test_report_on_a_killed_run(tmp_path, capsys):
     out = str(tmp_path / "run")
     proc = cli_process("demo", "--steps", "1500", "--out", out, "--no-progress", "--batch-size", "8",
                        "--calibrate-steps", "0", "--flush-every", "3")
-    _wait_for_blocks(out, 3, proc)
+    _wait_for_blocks(out, 2, proc)
     proc.kill()
     proc.communicate(timeout=60)
     assert not os.path.exists(os.path.join(out, "summary.json"))
