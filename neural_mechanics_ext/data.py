@@ -238,11 +238,12 @@ def _load_image_folder(root: str, train_dir: str, val_dir: Optional[str], image_
 
 # ---- batches ---------------------------------------------------------------------------------------
 def batches(spec: DataSpec, batch_size: int, seed: int, workers: int = 0, train: bool = True,
-            drop_last: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+            drop_last: bool = True, pin_memory: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled batches of the train set (``train=True``) or one pass over the test set.
 
     In-memory data is indexed directly (a DataLoader would only add per-sample overhead); folders go
-    through a ``DataLoader`` with ``workers`` processes.  Shuffling is deterministic from ``seed``.
+    through a ``DataLoader`` with ``workers`` processes (``pin_memory`` for fast copies to a GPU).
+    Shuffling is deterministic from ``seed``.
     """
     dataset = spec.train if train else spec.test
     if dataset is None:
@@ -262,7 +263,7 @@ def batches(spec: DataSpec, batch_size: int, seed: int, workers: int = 0, train:
                 return
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=gen,
                                          num_workers=workers, drop_last=train and drop_last,
-                                         persistent_workers=train and workers > 0)
+                                         persistent_workers=train and workers > 0, pin_memory=pin_memory)
     while True:
         yield from loader
         if not train:

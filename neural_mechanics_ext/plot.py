@@ -67,7 +67,7 @@ def _short(s: str, n: int) -> str:
 def family_layer(fam: dict) -> str:
     """A short label for a family: its layer (``features.conv2_1``), ``→ consumer`` for rescale, and
     which part for translation (``classifier.fc3 columns``)."""
-    layer, _, rest = fam["name"].partition(" (")
+    layer, _, rest = fam.get("name", fam.get("family", "")).partition(" (")
     if fam["kind"] == "translation" and rest.startswith("translation, "):
         layer += " " + rest[len("translation, "):].split(")", 1)[0]
     return layer
@@ -114,14 +114,14 @@ def _end_labels(ax, curves, min_gap_px: float = 11.0):
     ax.get_ylim()                              # settle autoscaling before converting to pixels
     to_px, to_data = ax.transData, ax.transData.inverted()
     pix = sorted(((to_px.transform((x, y))[1], x, label, colour) for x, y, label, colour in ends))
-    placed = []
-    for py, x, label, colour in pix:
-        if placed and py - placed[-1][0] < min_gap_px:
-            py = placed[-1][0] + min_gap_px
-        placed.append((py, x, label, colour))
-    shift = max(0.0, placed[-1][0] - ax.bbox.y1 + 6)   # keep the stack inside the axes
-    for py, x, label, colour in placed:
-        y = to_data.transform((0, py - shift))[1]
+    ys = [p[0] for p in pix]
+    for i in range(1, len(ys)):                      # push up what overlaps the label below ...
+        ys[i] = max(ys[i], ys[i - 1] + min_gap_px)
+    ys[-1] = min(ys[-1], ax.bbox.y1 - 6)              # ... then keep the stack inside the axes
+    for i in range(len(ys) - 2, -1, -1):
+        ys[i] = min(ys[i], ys[i + 1] - min_gap_px)
+    for py, (_, x, label, colour) in zip(ys, pix):
+        y = to_data.transform((0, py))[1]
         r, g, b = colour[:3]
         if 0.3 * r + 0.59 * g + 0.11 * b > 0.6:   # light colours (viridis' yellow) unreadable on white
             colour = (0.7 * r, 0.7 * g, 0.7 * b)
@@ -308,8 +308,8 @@ def plot_residuals(history, families: List[dict], path: str, hide: Sequence[str]
     title = ("Gradient-constraint residuals (0 for an exact symmetry; float32 rounding ≈ 1e-7;\n"
              "BatchNorm's eps makes scale groups ≈ 1e-5)")
     if skipped:
-        title += (f"\n{len(skipped)} families not drawn: one-parameter groups or values at rounding level "
-                  "(residual ≈ 1 by construction)")
+        title += (f"\n{len(skipped)} families not drawn: values at rounding level (e.g. biases in front of "
+                  "BatchNorm initialised at 0), where the residual compares noise with noise")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     fig.savefig(path)

@@ -289,6 +289,11 @@ def _overview(run) -> str:
         items.append(f"loss {fmt(s.get('initial_loss'), '.3f')} → <b>{fmt(s['final_loss'], '.3f')}</b>, "
                      f"train accuracy {fmt(s['final_train_accuracy'], '.1%')}"
                      + (f", test accuracy <b>{fmt(acc, '.1%')}</b>" if acc is not None else ""))
+    elif run["train_log"] and len(run["train_log"].get("loss", ())):
+        log = run["train_log"]
+        items.append(f"loss {fmt(float(np.mean(log['loss'][:5])), '.3f')} → "
+                     f"<b>{fmt(float(np.mean(log['loss'][-10:])), '.3f')}</b> at step {int(log['step'][-1])} "
+                     f"(train_log.csv), train accuracy {fmt(float(np.mean(log['accuracy'][-10:])), '.1%')}")
     worst = []
     for kind in ("scale", "rescale", "translation"):
         e, p = _worst(rows, kind, "error_exact"), _worst(rows, kind, "error_paper")
