@@ -577,30 +577,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------------------------------------- presets
-PRESETS = ("mlp", "vgg16", "vgg16_bn", "resnet18", "resnet50")
-
-
-def build_preset(name: str, image_size: int = 32, num_classes: int = 10) -> nn.Module:
-    """A model preset for ``neural-mechanics check``: ``mlp`` (Flatten → Linear(3·S², 256) → ReLU →
-    Linear(256, 128) → ReLU → Linear(128, C)) or a torchvision model with ``num_classes=C``."""
-    if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, 256), nn.ReLU(),
-                             nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes))
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    import torchvision
-    return getattr(torchvision.models, name)(num_classes=num_classes)
-
-
 # ---------------------------------------------------------------------------------------------- command line
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``neural-mechanics check``."""
-    parser.add_argument("--model", default="mlp", choices=PRESETS, help="model preset (default: mlp)")
+    from .models import MODELS
+    parser.add_argument("--model", default="mlp", choices=list(MODELS),
+                        help="model preset of neural_mechanics_ext.models (default: mlp)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--image-size", type=int, default=32, help="input height and width (default 32)")
     parser.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    parser.add_argument("--bn-eps", type=float, help="BatchNorm eps of the preset (default: the preset's, 1e-5)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--family", nargs="+", metavar="NAME",
                         help="check only the families whose name contains one of these strings")
@@ -615,6 +602,7 @@ def check_main(args: argparse.Namespace) -> int:
     """``neural-mechanics check``: find the symmetries of a preset, check their Hessian constraints on
     a random batch, print the table and the cost of the check relative to one training step.  Exit
     status 1 when a family fails."""
+    from .models import build_model
     from .symmetry import find_symmetries
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -622,7 +610,8 @@ def check_main(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = build_preset(args.model, args.image_size, args.classes).to(device=device, dtype=dtype)
+    model = build_model(args.model, args.classes, image_size=args.image_size, bn_eps=args.bn_eps)
+    model = model.to(device=device, dtype=dtype)
     if args.eval:
         model.eval()
     gen = torch.Generator().manual_seed(args.seed)

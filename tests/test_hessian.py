@@ -18,7 +18,8 @@ import models_zoo as Z  # noqa: E402
 
 import neural_mechanics_ext as nmx  # noqa: E402
 from neural_mechanics_ext import cli  # noqa: E402
-from neural_mechanics_ext.hessian import TOLERANCE, build_preset, hessian_check  # noqa: E402
+from neural_mechanics_ext.hessian import TOLERANCE, hessian_check  # noqa: E402
+from neural_mechanics_ext.models import build_model  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 warnings.filterwarnings("ignore", message=".*compiled extension is not available.*")
@@ -167,14 +168,14 @@ def test_true_families_pass_and_model_untouched(arch, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 def test_mlp_found_families_pass_with_overlapping_rescale(dtype):
-    """Plain MLP, no normaliser: consecutive rescale families overlap (layer 3's weight is the outgoing
-    side of 1 → 3 and the incoming side of 3 → 5); the full-target residual is exact anyway."""
+    """Plain MLP, no normaliser: consecutive rescale families overlap (fc2's weight is the outgoing side
+    of fc1 → fc2 and the incoming side of fc2 → fc3); the full-target residual is exact anyway."""
     torch.manual_seed(0)
-    model = build_preset("mlp", image_size=16).to(dtype)
+    model = build_model("mlp", 10, image_size=16).to(dtype)
     x, y = batch_of((3, 16, 16), 10, 16, dtype)
     families = nmx.find_symmetries(model, x)
     rescale = [f for f in families if f.kind == "rescale"]
-    assert len(rescale) == 2 and set(rescale[0].param_names) & set(rescale[1].param_names) == {"3.weight"}
+    assert len(rescale) == 2 and set(rescale[0].param_names) & set(rescale[1].param_names) == {"fc2.weight"}
     before = snapshot(model)
     report = hessian_check(model, families, F.cross_entropy, (x, y))
     assert_unchanged(before, snapshot(model))
@@ -415,7 +416,7 @@ def test_fused_reduction_agrees_with_dense_hessian():
 # ------------------------------------------------------------------------------- entry points and errors
 def test_tracker_hessian_check():
     torch.manual_seed(0)
-    model = build_preset("mlp", image_size=8)
+    model = build_model("mlp", 10, image_size=8)
     x, y = batch_of((3, 8, 8), 10, 16, torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     tracker = nmx.SymmetryTracker(model, opt, example_inputs=x)
@@ -440,7 +441,7 @@ def test_cli_check_mlp(capsys):
     rc = cli.main(["check", "--model", "mlp", "--batch", "8", "--image-size", "8", "--repeats", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "1 → 3 (rescale)" in out and "5 (translation, bias)" in out and "FAIL" not in out
+    assert "fc1 → fc2 (rescale)" in out and "fc3 (translation, bias)" in out and "FAIL" not in out
     assert "4 of 4 families pass" in out and "check / step = " in out
     rc = cli.main(["check", "--model", "mlp", "--batch", "8", "--image-size", "8", "--dtype", "float64",
                    "--family", "translation", "--no-projections", "--repeats", "1"])
