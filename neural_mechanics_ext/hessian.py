@@ -38,22 +38,23 @@ parameters.  For scale and rescale |u_A| = |θ_A|, so den_A = |w_A|·G_A (the si
 unless θ_A is negligible; for translation |u_A| = sqrt|A|.  The floors keep groups whose gradient is
 zero in exact arithmetic (a bias in front of BatchNorm) or whose parameters are zero (a classifier bias
 at init) from dividing a rounding residue by itself, as the gradient proof does.  The residual is
-``|r_A| / den_A``: ~1e-16..1e-13 for exact symmetries in float64, O(0.03..10) for false ones.
+``|r_A| / den_A``: ~1e-16..1e-13 for exact symmetries in float64, 0.02..30 for false ones.
 
 **Tolerances** (``TOLERANCE``; ``tolerance=`` overrides): 1e-8 in float64, 1e-3 in float32.  Measured at
-init on torchvision vgg16_bn and resnet18 (batch 8, 32×32, BatchNorm scale families with eps → 0) and
-MLPs: true families reach at most 9e-14 in float64 and 3e-5 in float32 (3e-4 when a BatchNorm normalises
-only 4 values: resnet18's 1×1 layer4 at batch 4); the false families of the tests (a ReLU6 unit,
+init on torchvision vgg16_bn and resnet18 (batch 4–8, 32×32, BatchNorm scale families with eps → 0)
+and MLPs: true families reach at most 2e-13 in float64 and 5e-5 in float32 (1e-12 and 3e-4 when a
+BatchNorm normalises only 4 values: resnet18's 1×1 layer4 at batch 4); the false families of the tests (a ReLU6 unit,
 BatchNorm in eval mode, classifier rows declared as translation groups, input columns declared as a
 rescale's incoming side, a scale family without a normaliser) reach 0.5–26, and the weakest false
 families seen 2e-2–6e-2 (a conv bias in front of BatchNorm in eval mode as a translation group; the
-input columns of a hidden layer of a wide MLP as translation groups).  The float32 tolerance sits 30×
+input columns of a hidden layer of a wide MLP as translation groups).  The float32 tolerance sits 20×
 above the worst true residual at 8+ values per normalised set and 20× below the weakest false one.
+Half precision is refused (check a float32 copy).
 
 **Normalisers' eps** (BatchNorm, LayerNorm, GroupNorm, ...) makes scale symmetries approximate: the
-Hessian residual at eps = 1e-5 is 1e-3..1e-2 on vgg16_bn and resnet18 at init — about sqrt(N)·eps/var
-for N values per normalised set, far above the gradient proof's measure, so no eps-aware tolerance
-separates it reliably from a false family.  When the model calls a normaliser and the check has scale
+Hessian residual at eps = 1e-5 is 1e-3..1e-2 on vgg16_bn and resnet18 at init, 10–100× the gradient
+proof's Σ eps/(var+eps) and growing with the number of values per normalised set, so no eps-aware
+tolerance separates it reliably from a false family.  When the model calls a normaliser and the check has scale
 families, the scale kind therefore gets a second forward pass with every normaliser's eps replaced by
 ``EPS_LIMIT`` (the function mode of :mod:`~neural_mechanics_ext.symmetry.prove`) and one product on it:
 there the symmetry is exact, and that residual is the verdict (``residuals``, ``max_residual``), which
@@ -100,11 +101,13 @@ is unchanged.
 
 **Cost.**  One forward pass with a create-graph backward (two with normalisers and scale families), one
 product per kind, one for the projections (``projections=False`` saves it), one per isolated family
-(only when some fail), one fused reduction.  A product costs about one training step (forward +
-backward + SGD step) on an MLP and three to four on CPU convolutions, whose double backward is slow.
-Measured on a shared 2-core CPU, float32, batch 8–16 at 32×32 (minimum of 3–5 runs; the machine's
-load made single runs vary 2–5×): MLP 4.5 steps (7 with projections), vgg16_bn 9 (11.5), resnet18
-about 20–30.  ``neural-mechanics check`` prints the ratio for a preset.
+(only when some fail), one fused reduction.  Measured on a shared 2-core CPU in float32, in training
+steps (forward + backward + SGD step on the same batch): MLP (1.7 M parameters, batch 16) 6.9, 4.5
+without projections, stable over runs.  For the BatchNorm conv nets the machine's load made the step
+time itself vary 10×, so their ratios ranged 6–30 (demo, resnet18 and the paper's vgg16_bn, batch
+8–16, 32×32); from profiles taken back to back, a product costs 1.7 steps on resnet18 and 3 on
+torchvision's vgg16_bn (the double backward of convolutions and BatchNorm), the graph pass 1–1.4, which
+puts one check at 10–18 steps.  ``neural-mechanics check`` prints the ratio for a preset.
 """
 from __future__ import annotations
 

@@ -202,6 +202,8 @@ def test_vgg_style_conv_net_overlapping_rescale_pass():
     assert sum(f.kind == "rescale" for f in families) == 3
     report = hessian_check(model, families, F.cross_entropy, (x, y))
     assert report.passed and max(r["max_residual"] for r in report) < 1e-12
+    # families=None: found with the callable loss and the batch's targets
+    assert [r["family"] for r in hessian_check(model, None, F.cross_entropy, (x, y))] == [f.name for f in families]
 
 
 # ------------------------------------------------------------------------------- false families fail
