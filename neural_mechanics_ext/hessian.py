@@ -103,11 +103,11 @@ is unchanged.
 product per kind, one for the projections (``projections=False`` saves it), one per isolated family
 (only when some fail), one fused reduction.  Measured on a shared 2-core CPU in float32, in training
 steps (forward + backward + SGD step on the same batch): MLP (1.7 M parameters, batch 16) 6.9, 4.5
-without projections, stable over runs.  For the BatchNorm conv nets the machine's load made the step
-time itself vary 10×, so their ratios ranged 6–30 (demo, resnet18 and the paper's vgg16_bn, batch
-8–16, 32×32); from profiles taken back to back, a product costs 1.7 steps on resnet18 and 3 on
-torchvision's vgg16_bn (the double backward of convolutions and BatchNorm), the graph pass 1–1.4, which
-puts one check at 10–18 steps.  ``neural-mechanics check`` prints the ratio for a preset.
+without projections, stable over runs.  BatchNorm conv nets (demo, resnet18, the paper's vgg16_bn;
+batch 8–16, 32×32): medians over paired runs 17–22 steps (9–18 without projections), single runs 6–30
+as the machine's load varied.  In back-to-back profiles a product costs 1.7 (resnet18) to 3
+(torchvision's vgg16_bn) steps, the double backward of convolution and BatchNorm being slow on CPU, and
+the graph pass 1–1.4.  ``neural-mechanics check`` prints the ratio for a preset.
 """
 from __future__ import annotations
 
