@@ -8,6 +8,7 @@ from .ops import slice_moments
 from .reference import MOMENTS
 from .symmetry import Rejected, SymmetryFamily, describe, find_symmetries, prove_families
 from .tracker import SymmetryTracker
+from .hessian import hessian_check
 
 __all__ = ["__version__", "MOMENTS", "build_info", "slice_moments", "SymmetryFamily", "find_symmetries",
-           "prove_families", "describe", "Rejected", "SymmetryTracker"]
+           "prove_families", "describe", "Rejected", "SymmetryTracker", "hessian_check"]

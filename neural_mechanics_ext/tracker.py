@@ -478,6 +478,15 @@ class SymmetryTracker:
                          "assumptions": [f"not tracked: {reason}"]})
         return rows
 
+    def hessian_check(self, loss_fn, batch, **kw) -> List[Dict[str, Any]]:
+        """Check the Hessian constraints (THEORY.md §1.1) of the tracked families on ``batch`` =
+        ``(inputs, targets)`` with ``loss_fn(outputs, targets)``: one dict per family ("family", "kind",
+        "max_residual", "median_residual", "passed", ...).  Delegates to
+        :func:`neural_mechanics_ext.hessian.hessian_check` (keyword arguments pass through); the model,
+        its gradients and buffers, the optimizer and the tracker's records are not touched."""
+        from .hessian import hessian_check
+        return hessian_check(self.model, self.families, loss_fn, batch, **kw)
+
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume: integrator states, clocks, history and running maxima.
 
