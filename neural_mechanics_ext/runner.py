@@ -467,6 +467,11 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
                     on_step(step)
         except KeyboardInterrupt:
             status = "interrupted"
+        except Exception:
+            # Ctrl-C also reaches DataLoader workers, which then exit: the batch being fetched fails
+            if not interrupt.requested:
+                raise
+            status = "interrupted"
         finally:
             if bar is not None:
                 bar.close()
@@ -527,10 +532,10 @@ class GracefulInterrupt:
     middle of the tracker's processing or of a file write); a second Ctrl-C stops at once."""
 
     def __init__(self, log: Callable[[str], None]):
-        self.requested, self.log, self.previous = False, log, None
+        self.requested, self.log, self.previous, self.pid = False, log, None, os.getpid()
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested or os.getpid() != self.pid:   # a second Ctrl-C, or a forked DataLoader worker
             raise KeyboardInterrupt
         self.requested = True
         self.log("\nCtrl-C: stopping after this step and writing the run folder (Ctrl-C again to stop at once)")

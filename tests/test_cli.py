@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from neural_mechanics_ext import cli
 from neural_mechanics_ext.report import errors_from_history
@@ -190,6 +191,9 @@ def test_train_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "paper-resnet"])
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
 
 
 def test_presets_follow_the_paper_and_explicit_options_win():
