@@ -60,6 +60,25 @@ def _depth_colorbar(fig, ax, labels: Sequence[str], cmap: str = "viridis"):
     return cb
 
 
+def compact_labels(labels: Sequence[str]) -> List[str]:
+    """Drop as many leading module names from every dotted name as keeps the labels distinct:
+    ``features.bn1_1 → features.conv1_2`` becomes ``bn1_1 → conv1_2``; ``layer1.0.conv1`` keeps its
+    prefix when ``layer2.0.conv1`` is in the set too."""
+    def drop(label: str, k: int) -> str:
+        def one(name: str) -> str:
+            head, sep, tail = name.partition(" ")
+            parts = head.split(".")
+            return ".".join(parts[min(k, len(parts) - 1):]) + sep + tail
+        return " → ".join(one(n) for n in label.split(" → "))
+
+    depth = max((len(n.split(" ")[0].split(".")) for l in labels for n in l.split(" → ")), default=1)
+    for k in range(depth - 1, 0, -1):
+        candidate = [drop(l, k) for l in labels]
+        if len(set(candidate)) == len(set(labels)):
+            return candidate
+    return list(labels)
+
+
 def _short(s: str, n: int) -> str:
     return s if len(s) <= n else "…" + s[-(n - 1):]
 
@@ -168,12 +187,13 @@ def plot_kind(history: Dict[str, Dict[str, np.ndarray]], families: List[dict], k
     if quiet:
         title += f" (+{len(quiet)} that stay at 0, not drawn)"
     ax.set_title(title, fontsize=10)
-    _end_labels(ax, [(history[f["name"]]["t"], history[f["name"]]["empirical_sum"], _short(family_layer(f), 26), col)
-                     for f, col in zip(fams_curves, colours)])
+    names = compact_labels([family_layer(f) for f in fams_curves])
+    _end_labels(ax, [(history[f["name"]]["t"], history[f["name"]]["empirical_sum"], _short(n, 30), col)
+                     for f, n, col in zip(fams_curves, names, colours)])
     ax.legend(handles=_legend_handles(), loc="best", fontsize=8, framealpha=0.85)
     ax.grid(alpha=0.3)
     if len(fams_curves) > 3:   # a few curves are named well enough by their end labels
-        _depth_colorbar(fig, ax, [family_layer(f) for f in fams_curves])
+        _depth_colorbar(fig, ax, compact_labels([family_layer(f) for f in fams_curves]))
 
     if kind == "translation":
         axg = axes[1]
@@ -335,7 +355,7 @@ def plot_scale_rates(history, families: List[dict], path: str) -> Optional[str]:
         ax.set_yscale("log")
         ax.set_xlabel(T_LABEL)
         ax.grid(alpha=0.3, which="both")
-    _depth_colorbar(fig, axes[1], [family_layer(f) for f in fams])
+    _depth_colorbar(fig, axes[1], compact_labels([family_layer(f) for f in fams]))
     fig.suptitle("Scale layers: weight decay shrinks |θ_A|², which raises the step size they feel", fontsize=11)
     fig.savefig(path)
     return path

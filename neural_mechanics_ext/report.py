@@ -2,8 +2,9 @@
 ``report.html`` of a run folder, finished or interrupted.
 
 Everything is read from the folder (see :mod:`neural_mechanics_ext.runner` for its files).  When
-``summary.json`` is missing (the process was killed), the errors and residuals are computed from the
-per-group history in ``groups/*.npz`` instead, with the metric of DESIGN.md §3, and the report says so.
+``summary.json`` is missing (the run was killed, or is still going), the errors and residuals are
+computed from the per-group history in ``groups/*.npz`` instead, with the metric of DESIGN.md §3, and
+the report says so.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def add_magnitudes(rows: List[dict], history: Dict[str, Dict[str, np.ndarray]]) 
 
 
 def load_run(run_dir: str) -> Dict[str, Any]:
-    """Everything a report needs from a run folder; ``summary`` is None for a killed run, and then
+    """Everything a report needs from a run folder; ``summary`` is None for a killed (or running) run, and then
     ``rows`` (the per-family error table) is computed from the history."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"no run folder {run_dir}")
@@ -175,7 +176,7 @@ h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; border-bottom:
        margin-top: 36px; }
 .sub { color: #555; margin-top: 0; }
 .status { display: inline-block; padding: 2px 10px; border-radius: 10px; font-weight: 600; font-size: 13px; }
-.finished { background: #d7f0dc; color: #1b5e20; } .interrupted, .killed { background: #ffe0b2; color: #8a4b00; }
+.finished { background: #d7f0dc; color: #1b5e20; } .interrupted, .incomplete { background: #ffe0b2; color: #8a4b00; }
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0 16px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f5f7; } td.num { text-align: right; font-family: Menlo, Consolas, monospace; }
@@ -213,7 +214,7 @@ def _img(path: str) -> str:
 def _status(run) -> str:
     if run["summary"]:
         return run["summary"].get("status", "finished")
-    return "killed"
+    return "incomplete"
 
 
 def _families_table(families: List[dict]) -> str:
@@ -365,10 +366,10 @@ def write_report(run_dir: str) -> str:
              f"<h1>Neural Mechanics run report</h1>",
              f"<p class='sub'><code>{html.escape(run['dir'])}</code> &nbsp; "
              f"<span class='status {status}' id='status'>{status}</span></p>"]
-    if status == "killed":
-        parts.append("<div class='note'><b>This run was stopped before it could write summary.json</b> (the "
-                     "process was killed). Everything below comes from the metrics written up to its last flush; "
-                     "the errors are computed from the logged steps of <code>groups/*.npz</code>.</div>")
+    if status == "incomplete":
+        parts.append("<div class='note'><b>This run has no summary.json</b>: it was killed, or it is still going. "
+                     "Everything below comes from the metrics written up to its last flush; the errors are "
+                     "computed from the logged steps of <code>groups/*.npz</code>.</div>")
     elif status == "interrupted":
         parts.append("<div class='note'><b>This run was interrupted</b> (Ctrl-C); the report covers the steps "
                      "done until then.</div>")

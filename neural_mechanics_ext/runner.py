@@ -467,6 +467,11 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
                     on_step(step)
         except KeyboardInterrupt:
             status = "interrupted"
+        except Exception:
+            # Ctrl-C also reaches DataLoader workers, which then exit: the batch being fetched fails
+            if not interrupt.requested:
+                raise
+            status = "interrupted"
         finally:
             if bar is not None:
                 bar.close()
@@ -527,10 +532,10 @@ class GracefulInterrupt:
     middle of the tracker's processing or of a file write); a second Ctrl-C stops at once."""
 
     def __init__(self, log: Callable[[str], None]):
-        self.requested, self.log, self.previous = False, log, None
+        self.requested, self.log, self.previous, self.pid = False, log, None, os.getpid()
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested or os.getpid() != self.pid:   # a second Ctrl-C, or a forked DataLoader worker
             raise KeyboardInterrupt
         self.requested = True
         self.log("\nCtrl-C: stopping after this step and writing the run folder (Ctrl-C again to stop at once)")
@@ -625,7 +630,7 @@ def _add_common(p: argparse.ArgumentParser, steps_default: Optional[int]):
     p.add_argument("--exact", action="store_true",
                    help="float64 and BatchNorm eps=1e-30: the symmetries hold exactly and the exact prediction "
                         "agrees to rounding (default float32, where BN eps makes scale symmetries approximate)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and shuffling (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
@@ -633,7 +638,7 @@ def _add_common(p: argparse.ArgumentParser, steps_default: Optional[int]):
                    help="steps timed with and without the tracker on copies of the model to measure the "
                         "overhead directly (default 16; 0 skips)")
     p.add_argument("--flush-every", type=int, default=25, help="steps per block written to the run folder")
-    p.add_argument("--batch-size", type=int, default=None, help="(default 128; a preset's own)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128, or the preset's)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files to RUN_DIR/tensorboard (off by default: on a small "
                         "CPU run they cost more than the tracking itself)")
@@ -644,7 +649,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Train a small VGG-style network (conv-BN-ReLU blocks: scale symmetry; ReLU MLP head: "
                      "rescale; softmax classifier: translation) on built-in generated images with SGD, momentum "
                      "and weight decay, track its symmetries, and write a run folder with figures and report.html. "
-                     "No download, no GPU needed; about two minutes on a 2-core CPU.")
+                     "No download, no GPU needed: 300 steps take one to two minutes on an idle 2-core CPU.")
     _add_common(p, 300)
 
 
@@ -679,7 +684,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
     p.add_argument("--momentum", type=float, help="heavy-ball momentum (default 0.9)")
     p.add_argument("--dampening", type=float, help="momentum dampening (default 0)")
-    p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, help="coupled L2 weight decay on every parameter (default 5e-4)")
     p.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help="lr schedule (default constant)")
     p.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs (steps with --steps)")

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from neural_mechanics_ext import cli
 from neural_mechanics_ext.report import errors_from_history
@@ -147,7 +148,7 @@ def test_report_on_a_killed_run(tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "summary.json"))
     assert cli.main(["report", out]) == 0
     html = open(os.path.join(out, "report.html")).read()
-    assert "killed" in html and "computed from the logged history" in html
+    assert "This run has no summary.json" in html and "computed from the logged history" in html
     assert os.path.exists(os.path.join(out, "figures", "fig5_scale.png"))
     families = json.load(open(os.path.join(out, "families.json")))
     rows = errors_from_history(read_run(out), families)
@@ -190,6 +191,9 @@ def test_train_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "paper-resnet"])
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
 
 
 def test_presets_follow_the_paper_and_explicit_options_win():

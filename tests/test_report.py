@@ -116,7 +116,7 @@ def test_report_without_summary_json(run_dir, tmp_path):
     shutil.copytree(run_dir, killed, ignore=shutil.ignore_patterns("summary.json", "report.html", "figures"))
     path = write_report(killed)
     html = open(path).read()
-    assert "<span class='status killed' id='status'>killed</span>" in html
+    assert "<span class='status incomplete' id='status'>incomplete</span>" in html
     assert "computed from the logged history" in html
     families = json.load(open(os.path.join(killed, "families.json")))
     want = {r["family"]: r for r in errors_from_history(read_run(killed), families)}
