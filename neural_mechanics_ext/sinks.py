@@ -116,17 +116,26 @@ class GroupArraysSink:
 
 
 class TensorBoardSink:
-    """Per-layer sums and residuals as TensorBoard scalars (needs the ``tensorboard`` package)."""
+    """Per-layer sums and residuals as TensorBoard scalars (needs the ``tensorboard`` package).
+
+    All scalars of one step go into one event: ``add_scalar`` per value costs milliseconds per step on a
+    model with tens of families, more than the tracking itself."""
 
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        self.writer, self.Summary = SummaryWriter(log_dir), Summary
 
     def write(self, rows):
+        by_step: Dict[int, list] = {}
         for r in scalar_rows(rows):
+            values = by_step.setdefault(r["step"], [])
             for name in SCALAR_FIELDS[2:]:
                 if math.isfinite(r[name]):
-                    self.writer.add_scalar(f"{r['family']}/{name}", r[name], r["step"])
+                    values.append(self.Summary.Value(tag=f"{r['family']}/{name}", simple_value=r[name]))
+        file_writer = self.writer._get_file_writer()
+        for step, values in sorted(by_step.items()):
+            file_writer.add_summary(self.Summary(value=values), step)
         self.writer.flush()
 
     def close(self):

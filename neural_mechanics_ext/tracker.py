@@ -163,7 +163,9 @@ class SymmetryTracker:
         self._history = {f.name: _FamilyHistory(f) for f in kept}
         self._time = [0.0] * len(optimizer.param_groups)
         self._closed = False
-        self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0}
+        self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0, "write_seconds": 0.0}
+        self._family_of_group = torch.repeat_interleave(
+            torch.arange(len(kept)), torch.tensor([f.num_groups for f in kept]))
         self.hook = hook
         self._handles = []
         if ranks == "rank0" and rank != 0:
@@ -340,10 +342,31 @@ class SymmetryTracker:
         if self._pending is None:
             return
         host, hypers, event = self._pending
-        self._pending = None
         if event is not None:
             event.synchronize()  # long done: it was enqueued a whole block ago
-        self._process_block(host, hypers)
+        # An interruption (Ctrl-C) while integrating must not lose the block: put the integrators and
+        # clocks back as they were and keep the block pending, so that close() processes it.
+        snapshot = self._snapshot()
+        try:
+            rows = self._integrate_block(host, hypers)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        self._pending = None
+        self._commit(rows)
+
+    def _snapshot(self):
+        return ([({n: i.state_dict() for n, i in b.integrators.items()}, b.invalid, b.invalid_step)
+                 for b in self._batches], list(self._time), self._processed)
+
+    def _restore(self, snapshot):
+        batches, self._time, self._processed = snapshot
+        for b, (integrators, b.invalid, b.invalid_step) in zip(self._batches, batches):
+            for name, sd in integrators.items():
+                b.integrators[name].load_state_dict(sd)
+            for name in list(b.integrators):
+                if name not in integrators:  # created by the interrupted block
+                    del b.integrators[name]
 
     def sync(self):
         """Bring everything recorded so far to the host (history, sinks); called by history() and close()."""
@@ -351,8 +374,8 @@ class SymmetryTracker:
         self._process_pending()
 
     # ---- host processing ----------------------------------------------------------------------------
-    def _process_block(self, block: torch.Tensor, hypers: List[dict]):
-        """Integrate the predictions over one block of steps and add its rows to the history."""
+    def _integrate_block(self, block: torch.Tensor, hypers: List[dict]) -> Dict[str, Any]:
+        """Integrate the predictions over one block of steps; returns the block's columns for _commit."""
         start = time.perf_counter()
         T, G = len(hypers), self.plan.num_groups
         M = block[:T].to(torch.float64)
@@ -405,14 +428,35 @@ class SymmetryTracker:
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
                    "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n, "angular_update": angular,
                    "lr": lr, "t": elapsed, **preds}
+        # Maxima over the block per family, for every family at once (scatter over the group -> family map).
+        stats = {"magnitude": self._family_max(magnitude), "residual": self._family_max(residual)}
+        for p in PREDICTIONS:
+            stats[f"error_{p}"] = self._family_max((preds[p] - empirical).abs())
+            stats[f"predicted_{p}"] = self._family_max(torch.isfinite(preds[p]).to(torch.float64))
+        self.timing["process_seconds"] += time.perf_counter() - start
+        return {"steps": steps, "columns": columns, "stats": stats}
+
+    def _family_max(self, v: torch.Tensor) -> List[float]:
+        """Max over steps and groups of each family, ignoring non-finite values (-inf when none)."""
+        per_group = torch.where(torch.isfinite(v), v, float("-inf")).amax(0)
+        out = torch.full((len(self.families),), float("-inf"), dtype=torch.float64)
+        return out.scatter_reduce(0, self._family_of_group, per_group, "amax").tolist()
+
+    def _commit(self, block: Dict[str, Any]):
+        """Add an integrated block to the history and hand its logged rows to the sinks."""
+        start = time.perf_counter()
+        steps, columns, stats = block["steps"], block["columns"], block["stats"]
         logged = (steps % self.log_every) == 0
         new_rows = {}
         for fi, f in enumerate(self.families):
             sl = slice(self._offsets[fi], self._offsets[fi] + f.num_groups)
-            new_rows[f.name] = self._history[f.name].add(steps, logged, {c: v[:, sl] for c, v in columns.items()})
+            new_rows[f.name] = self._history[f.name].add(
+                steps, logged, {c: v[:, sl] for c, v in columns.items()}, {k: v[fi] for k, v in stats.items()})
+        self.timing["process_seconds"] += time.perf_counter() - start
+        start = time.perf_counter()
         for sink in self.sinks:
             sink.write(new_rows)
-        self.timing["process_seconds"] += time.perf_counter() - start
+        self.timing["write_seconds"] += time.perf_counter() - start
 
     @property
     def _translation_mask(self) -> torch.Tensor:
@@ -568,16 +612,16 @@ class _FamilyHistory:
         self.max_magnitude = 0.0
         self.max_residual = 0.0
 
-    def add(self, steps: torch.Tensor, logged: torch.Tensor, cols: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
-        emp = cols["empirical"]
+    def add(self, steps: torch.Tensor, logged: torch.Tensor, cols: Dict[str, torch.Tensor],
+            stats: Dict[str, float]) -> Dict[str, np.ndarray]:
+        """Keep the logged rows of a block; ``stats`` are the block's maxima over all its steps."""
         self.steps += len(steps)
-        self.max_magnitude = max(self.max_magnitude, _nanmax(cols["magnitude"]))
-        self.max_residual = max(self.max_residual, _nanmax(cols["residual"]))
+        self.max_magnitude = max(self.max_magnitude, stats["magnitude"])
+        self.max_residual = max(self.max_residual, stats["residual"])
         for p in PREDICTIONS:
-            err = (cols[p] - emp).abs()
-            if torch.isfinite(cols[p]).any():
+            if stats[f"predicted_{p}"] > 0:
                 self.predicted[p] = True
-                self.max_abs_error[p] = max(self.max_abs_error[p], _nanmax(err))
+                self.max_abs_error[p] = max(self.max_abs_error[p], stats[f"error_{p}"])
         rows = {"step": steps[logged].numpy(), "t": cols["t"][logged, 0].numpy(), "lr": cols["lr"][logged, 0].numpy()}
         for name, v in cols.items():
             if name in ("t", "lr") or (name in self.SCALE_ONLY and self.family.kind != "scale"):
@@ -610,8 +654,3 @@ class _FamilyHistory:
         if not self.predicted[prediction] or self.max_magnitude == 0:
             return float("nan")
         return self.max_abs_error[prediction] / self.max_magnitude
-
-
-def _nanmax(t: torch.Tensor) -> float:
-    finite = t[torch.isfinite(t)]
-    return float(finite.max()) if finite.numel() else 0.0

@@ -339,3 +339,39 @@ def test_backward_mode_sees_clipping_and_accumulation():
         np.testing.assert_array_equal(results[0][fam]["empirical"], results[1][fam]["empirical"])
         np.testing.assert_array_equal(results[0][fam]["grad_sq" if "grad_sq" in results[0][fam] else "residual"],
                                       results[1][fam]["grad_sq" if "grad_sq" in results[1][fam] else "residual"])
+
+
+def test_an_interrupt_while_integrating_loses_nothing(monkeypatch):
+    """Ctrl-C inside the host processing of a block: the block stays pending and close() processes it."""
+    full, _ = train("bn_mlp", SGD_CONFIGS["momentum+wd"][0], steps=20, tracker_kw={"flush_every": 5})
+    tracker, _ = train("bn_mlp", SGD_CONFIGS["momentum+wd"][0], steps=20, tracker_kw={"flush_every": 5})
+    real = tracker._integrate_block
+    calls = {"n": 0}
+
+    def flaky(block, hypers):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            real(block, hypers)       # integrators advance part of the way...
+            raise KeyboardInterrupt   # ...and the user presses Ctrl-C
+        return real(block, hypers)
+
+    monkeypatch.setattr(tracker, "_integrate_block", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.sync()
+    tracker.close()
+    a, b = full.history(), tracker.history()
+    for fam in a:
+        for key in a[fam]:
+            np.testing.assert_array_equal(a[fam][key], b[fam][key], err_msg=f"{fam}/{key}")
+
+
+def test_tensorboard_sink_writes_one_event_per_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tracker, _ = train("bn_mlp", SGD_CONFIGS["sgd+wd"][0], steps=12, tracker_kw={"out_dir": str(tmp_path)})
+    tracker.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("0 (scale)/empirical_sum")
+    assert [e.step for e in events] == list(range(12))
+    np.testing.assert_allclose([e.value for e in events], tracker.history()["0 (scale)"]["empirical_sum"], rtol=1e-6)
