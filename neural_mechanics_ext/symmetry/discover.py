@@ -1,0 +1,124 @@
+"""``find_symmetries``: capture → rules → proof."""
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from .describe import describe
+from .family import SymmetryFamily
+from .prove import EPS_FACTOR, EXACT_TOLERANCE, LossSpec, ProofSetup, Rejected, prove
+from .rules import build_candidate, find_sources
+
+MIN_SET_SIZE = 8   # fewer values per normalised set than this: warn that the proof is ill-conditioned
+
+_LONG_NAME = {"BN": "BatchNorm", "IN": "InstanceNorm", "GN": "GroupNorm", "LN": "LayerNorm",
+              "RMSNorm": "RMSNorm"}
+
+
+def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cross_entropy", *,
+                    targets=None, prove: bool = True, tolerance: Optional[float] = None,
+                    verbose: bool = False, return_rejected: bool = False, seed: int = 0
+                    ) -> Union[List[SymmetryFamily], Tuple[List[SymmetryFamily], List[Rejected]]]:
+    """Find every translation, scale and rescale family of ``model`` and prove each one numerically.
+
+    The model is run once on ``example_inputs`` (a small batch is enough: 2-4 samples at a small
+    resolution) under a function mode that records every op, the rules of THEORY.md §1.2 are applied
+    to the recorded graph, and every candidate is then checked on the same batch: the gradient
+    constraint of each group must hold within a documented tolerance (see
+    :mod:`neural_mechanics_ext.symmetry.prove`).  Nothing of ``model`` is changed: capture and proof run
+    on a float64 deep copy, in the model's current train/eval mode.
+
+    Args:
+        model: any ``nn.Module`` whose forward runs on ``example_inputs``.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        loss: what the model is trained with; it decides the loss-dependent translation symmetry.
+            ``"cross_entropy"`` (softmax + cross-entropy, with or without label smoothing: the
+            classifier's columns and bias are translation groups), ``"mse"``, ``"bce"`` (no such
+            symmetry), ``None`` (loss unknown: assume none), or ``callable(outputs, targets)`` together
+            with ``targets=``: the callable is captured too, so its ``F.cross_entropy`` /
+            ``log_softmax`` is seen and its translation symmetry found.
+        targets: targets for a callable loss (random targets of the right kind are drawn otherwise).
+        prove: run the gradient check (default).  ``False`` returns the structural candidates
+            unproved (``residual`` None).
+        tolerance: one tolerance for every family instead of the rule (1e-8 for exact symmetries,
+            eps-aware for the scale symmetries of normalisers).
+        verbose: print the table of families and the rejected candidates with their reasons.
+        return_rejected: also return the rejected candidates.
+        seed: seed for the random targets and for dropout during capture and proof.
+
+    Returns:
+        the proved families, in the order of the layers in the forward pass; with
+        ``return_rejected=True`` a pair ``(families, rejected)``, ``rejected`` being a list of
+        ``(family, residual, reason)`` (``family`` is None for a candidate that no ``(A, K, B)`` view
+        can express, ``residual`` is None when it was refused before the gradient check: shared or
+        tied parameters, frozen parameters, unexpressible views).  A model without symmetry gives an
+        empty list and a warning, not an error.
+    """
+    setup = ProofSetup(model, example_inputs, loss, targets, seed)
+    graph = setup.capture()
+    families: List[SymmetryFamily] = []
+    rejected: List[Rejected] = []
+    names = {}
+    small_sets = {}
+    for src in find_sources(graph):
+        cand = build_candidate(graph, src)
+        if cand is None:
+            continue
+        if cand.refusal:
+            rejected.append(Rejected(cand.family, None, f"{cand.name}: {cand.refusal}"))
+            continue
+        fam = cand.family
+        count = names.get(fam.name, 0)
+        names[fam.name] = count + 1
+        if count:
+            fam.name = f"{fam.name} #{count + 1}"
+        if cand.approx:
+            worst = max(r for _, _, r, _ in cand.approx)
+            for tag, _, _, size in cand.approx:
+                if 0 < size < MIN_SET_SIZE:
+                    small_sets[tag] = size
+            fam.tolerance = EXACT_TOLERANCE + EPS_FACTOR * worst
+            fam.extra["approx"] = cand.approx
+            fam.note = "approximate: " + "; ".join(
+                f"{_LONG_NAME.get(tag.split(' ', 1)[0], tag.split(' ', 1)[0])} {tag.split(' ', 1)[-1]} eps={eps:g} "
+                f"breaks the symmetry at O(eps/var) (max eps/(var+eps) = {r:.1e})"
+                for tag, eps, r, _ in cand.approx)
+        else:
+            fam.tolerance = EXACT_TOLERANCE
+        if cand.forced:
+            fam.extra["forced"] = cand.forced
+        families.append(fam)
+    if small_sets:
+        warnings.warn("find_symmetries: on the example inputs " + ", ".join(
+            f"{tag} normalises only {n} values per set" for tag, n in small_sets.items()) +
+            "; with so few values its gradients are ill-conditioned and the scale checks say little. "
+            f"Use more samples or a larger input (at least {MIN_SET_SIZE} values per normalised set).",
+            RuntimeWarning, stacklevel=2)
+    if prove:
+        passed, failed = _prove(setup, families, tolerance)
+        rejected = failed + rejected
+    else:
+        passed = families
+    if not passed:
+        msg = (f"find_symmetries: no symmetry found in {type(model).__name__} (loss={_loss_name(loss)}): no "
+               f"layer is followed only by positively homogeneous operations into another layer, by a "
+               f"normalisation in training mode, or by a shift-invariant loss")
+        if rejected:
+            msg += f"; {len(rejected)} candidate(s) rejected (use return_rejected=True or verbose=True)"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if verbose:
+        print(describe(passed))
+        if rejected:
+            print("rejected:")
+            print(describe(rejected))
+    return (passed, rejected) if return_rejected else passed
+
+
+def _prove(setup, families, tolerance):
+    return prove(setup, families, tolerance)
+
+
+def _loss_name(loss) -> str:
+    return getattr(loss, "__name__", repr(loss)) if callable(loss) else repr(loss)

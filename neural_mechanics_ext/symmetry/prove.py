@@ -1,0 +1,370 @@
+"""Prove symmetry families numerically: the gradient constraint of THEORY.md §1.1, group by group.
+
+The proof never touches the user's model: it runs on ``copy.deepcopy(model).double()``, in the mode
+(train/eval) the model is in, on the example batch with random targets drawn from a fixed seed, under a
+forked RNG.  Gradients come from ``torch.autograd.grad`` on the copy; the per-group inner products come
+from one fused :class:`~neural_mechanics_ext.plan.MomentPlan` pass with ``x = θ`` and ``y = g``.
+
+Residual of group ``A`` (``A = A1 ∪ A2`` for rescale), all sums over ``A``:
+
+* translation: ``|Σ g| / (‖g‖ · sqrt|A|)``
+* scale:       ``|⟨g, θ⟩| / (‖g‖ · ‖θ‖)``
+* rescale:     ``|⟨g, θ⟩_A1 − ⟨g, θ⟩_A2| / (‖g‖ · ‖θ‖)``
+
+A group whose gradient is exactly zero has residual 0.  A group whose gradient is *negligible*
+(``‖g_A‖ < ḡ·sqrt|A|``, with ``ḡ`` the RMS gradient element over all trainable parameters) is measured
+against ``ḡ·sqrt|A|`` instead of ``‖g_A‖``: the gradient of a bias in front of BatchNorm is zero in exact
+arithmetic but a rounding residue in floating point, and dividing that residue by itself would report
+a violation of 1.
+
+Tolerances (the rule; ``find_symmetries(tolerance=...)`` / ``prove_families(tolerance=...)`` override):
+
+* **Exact symmetries** (ReLU rescale, cross-entropy translation, the bias before a normaliser, a
+  normaliser's affine against its consumers): ``EXACT_TOLERANCE = 1e-8``.  In float64 they measure
+  ~1e-15; a wrong candidate measures 1e-3 .. 1.
+* **Symmetries made approximate by a normaliser's eps** (the scale groups of BatchNorm, GroupNorm,
+  InstanceNorm, LayerNorm, RMSNorm).  Scaling a normalised set by ``α`` changes the output by
+  ``y · ε/(σ²+ε)`` per unit ``log α``, so the residual is of order ``r = max ε/(σ²+ε)`` over the sets the
+  family feeds (σ² measured on the example batch).  Such a family is proved twice:
+    1. with every normaliser's eps replaced by ``EPS_LIMIT = 1e-30`` (a function mode rewrites the
+       ``eps`` argument of each ``F.batch_norm`` / ``layer_norm`` / ``group_norm`` / ``instance_norm`` /
+       ``rms_norm`` call, so functional code is covered too): the symmetry is exact there and the
+       residual must be ``≤ EXACT_TOLERANCE`` — this proves the structure;
+    2. with the model's real eps: the residual must be ``≤ EXACT_TOLERANCE + EPS_FACTOR · r``; this is
+       ``family.tolerance`` and ``family.residual`` is this residual.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import math
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .. import _backend
+from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
+from .family import SymmetryFamily
+
+if TYPE_CHECKING:
+    from ..plan import MomentPlan
+
+EXACT_TOLERANCE = 1e-8
+EPS_FACTOR = 10.0
+EPS_LIMIT = 1e-30
+LOSSES = ("cross_entropy", "mse", "bce", None)
+
+LossSpec = Union[str, None, Callable[[Any, Any], torch.Tensor]]
+
+
+class Rejected(NamedTuple):
+    """A candidate that is not tracked: the family (None when it has no expressible form), the largest
+    residual measured (None when it was refused before the gradient check), and why."""
+
+    family: Optional[SymmetryFamily]
+    residual: Optional[float]
+    reason: str
+
+
+class ProofSetup:
+    """A float64 copy of the model, the example inputs, and a loss with fixed random targets."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs, loss: LossSpec = "cross_entropy",
+                 targets=None, seed: int = 0):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if not (callable(loss) or loss in LOSSES):
+            raise ValueError(f"loss must be one of {LOSSES} or a callable(outputs, targets), got {loss!r}")
+        if callable(loss) and targets is None:
+            raise TypeError("a callable loss needs targets=...: the proof cannot guess what your loss expects")
+        try:
+            self.model = copy.deepcopy(model)
+        except Exception as exc:
+            raise TypeError(f"symmetry discovery proves each symmetry on a float64 copy of the model, so your "
+                            f"model is never modified, but copy.deepcopy(model) failed: {exc}") from exc
+        self.model.double()
+        for p in self.model.parameters():
+            p.grad = None
+        self.args, self.kwargs = _as_call(example_inputs)
+        self.loss = loss
+        self.targets = None if targets is None else tree_map(_to_f64, targets)
+        self.seed = seed
+        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    # -- running
+    @contextlib.contextmanager
+    def rng(self):
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            yield
+
+    def loss_of(self, outputs) -> torch.Tensor:
+        if callable(self.loss):
+            return self.loss(outputs, self.targets)
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(f"loss={self.loss!r} needs the model to return one tensor, it returned "
+                            f"{type(outputs).__name__}; pass loss=callable(outputs, targets) and targets=")
+        if self.targets is None:
+            with torch._C.DisableTorchFunction():
+                self.targets = _random_targets(self.loss, outputs, self.seed)
+        if self.loss == "cross_entropy":
+            return F.cross_entropy(outputs, self.targets)
+        if self.loss == "bce":
+            return F.binary_cross_entropy_with_logits(outputs, self.targets)
+        return F.mse_loss(outputs, self.targets)
+
+    def capture(self):
+        with self.rng():
+            return capture(self.model, self.args, self.kwargs, self.loss_of)
+
+    def gradients(self, eps_limit: bool = False) -> Dict[int, torch.Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with self.rng(), (_EpsLimit() if eps_limit else contextlib.nullcontext()):
+            loss = self.loss_of(self.model(*self.args, **self.kwargs))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)}
+
+
+def _to_f64(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _as_call(example_inputs) -> Tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), tree_map(_to_f64, example_inputs)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(tree_map(_to_f64, list(example_inputs))), {}
+    return (_to_f64(example_inputs),), {}
+
+
+def _random_targets(kind: str, out: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=out.device).manual_seed(seed + 1)
+    if kind == "cross_entropy":
+        if out.dim() == 0:
+            raise TypeError("loss='cross_entropy' needs logits of shape [N, C, ...] or [C]")
+        c = out.shape[1] if out.dim() >= 2 else out.shape[0]
+        shape = (out.shape[0],) + tuple(out.shape[2:]) if out.dim() >= 2 else ()
+        return torch.randint(c, shape, generator=gen, device=out.device)
+    if kind == "bce":
+        return torch.rand(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+    return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+
+
+class _EpsLimit(TorchFunctionMode):
+    """Replace the eps of every normaliser call by EPS_LIMIT, where their symmetries are exact."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = _BY_OBJECT.get(func) if _hashable(func) else None
+        if op in NORM_OPS:
+            a = bind_args(SIGNATURES[op], args, kwargs)
+            a["eps"] = EPS_LIMIT
+            return func(**a)
+        return func(*args, **kwargs)
+
+
+def _hashable(f) -> bool:
+    try:
+        hash(f)
+        return True
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------------- validation
+def validate_families(model: torch.nn.Module, families: Sequence[SymmetryFamily]) -> None:
+    """Raise a clear exception for unknown parameters, wrong view sizes and frozen parameters."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for fam in families:
+        if not isinstance(fam, SymmetryFamily):
+            raise TypeError(f"expected SymmetryFamily objects, got {type(fam).__name__}")
+        for pname, view, _ in fam.members:
+            if pname not in named:
+                close = difflib.get_close_matches(pname, list(named), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise KeyError(f"family {fam.name!r}: the model has no parameter named {pname!r}{hint}")
+            p = named[pname]
+            a, k, b = view
+            if a * k * b != p.numel():
+                raise ValueError(f"family {fam.name!r}: view {view} of {pname} covers {a * k * b} elements but "
+                                 f"the parameter has {p.numel()} (shape {tuple(p.shape)})")
+            if not p.requires_grad:
+                raise ValueError(f"family {fam.name!r}: parameter {pname} is frozen (requires_grad=False); "
+                                 f"it never receives a gradient, so the symmetry cannot be proved or tracked")
+
+
+# ---------------------------------------------------------------------- residuals
+def plan_moments(plan: "MomentPlan", ys: Sequence[Optional[torch.Tensor]],
+                 zs: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``plan.slice_moments(ys, zs)``, with a lean path when the compiled op is not built.
+
+    The plain-torch reference materialises all nine products of every view in float64 (nine times the
+    tensor: 7 GB for VGG-16's first classifier layer); the proof only needs x, y, z, xx, yy, zz, xy and
+    xz, so without the compiled op it computes those one product at a time (``yz`` is left zero).
+    """
+    if _backend.compiled:
+        return plan.slice_moments(list(ys), list(zs))
+    rows = []
+    for x, y, z, views in zip(plan.params, ys, zs, plan.views):
+        xf = x.detach().reshape(-1).to(torch.float64)
+        yf = y.detach().reshape(-1).to(torch.float64)
+        zf = None if z is None else z.detach().reshape(-1).to(torch.float64)
+        for a, k, b in views:
+            X, Y = xf.view(a, k, b), yf.view(a, k, b)
+            cols = torch.zeros(k, 9, dtype=torch.float64, device=xf.device)
+            cols[:, 0] = X.sum((0, 2))
+            cols[:, 1] = Y.sum((0, 2))
+            cols[:, 3] = (X * X).sum((0, 2))
+            cols[:, 4] = (Y * Y).sum((0, 2))
+            cols[:, 6] = (X * Y).sum((0, 2))
+            if zf is not None:
+                Z = zf.view(a, k, b)
+                cols[:, 2] = Z.sum((0, 2))
+                cols[:, 5] = (Z * Z).sum((0, 2))
+                cols[:, 7] = (X * Z).sum((0, 2))
+            rows.append(cols)
+    return torch.cat(rows) if rows else torch.zeros((0, 9), dtype=torch.float64)
+
+
+def _rms2(grads: Dict[int, torch.Tensor]) -> float:
+    total = sum(float((g.double() ** 2).sum()) for g in grads.values())
+    return total / max(sum(g.numel() for g in grads.values()), 1)
+
+
+def group_residuals(families: Sequence[SymmetryFamily], named: Dict[str, torch.Tensor],
+                    grads: Dict[int, torch.Tensor], grads_limit: Optional[Dict[int, torch.Tensor]] = None,
+                    limit_for: Sequence[bool] = ()) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Per-group gradient-constraint residuals, one float64 tensor ``[K]`` per family.
+
+    One fused moment pass: ``x = θ``, ``y = g`` and, for the tensors of families flagged in
+    ``limit_for``, ``z = g`` with normaliser eps → 0.  Returns the residuals for ``y`` and (None where
+    not flagged) for ``z``.
+    """
+    from ..plan import MomentPlan   # plan imports symmetry.family: import here to avoid a cycle
+
+    plan = MomentPlan(families, named)
+    need_z = set()
+    for fam, flag in zip(families, limit_for):
+        if flag:
+            need_z.update(id(named[n]) for n, _, _ in fam.members)
+    ys = [grads[id(p)] for p in plan.params]
+    zs = [grads_limit[id(p)] if (grads_limit is not None and id(p) in need_z) else None for p in plan.params]
+    signed, unsigned = plan.group_moments(plan_moments(plan, ys, zs))
+    n = plan.counts.to(signed.device)
+    out_y = _residuals(families, plan, signed, unsigned, n, _rms2(grads), (1, 4, 6))
+    out_z = [None] * len(families)
+    if grads_limit is not None and any(limit_for):
+        # The floor for negligible gradients comes from the real pass: with eps → 0 a channel whose
+        # input is constant (a dead unit) gets a gradient of order 1/sqrt(1e-30), which would make a
+        # floor taken from this pass swamp every other group and the check vacuous.
+        rz = _residuals(families, plan, signed, unsigned, n, _rms2(grads), (2, 5, 7))
+        out_z = [r if flag else None for r, flag in zip(rz, list(limit_for) + [False] * len(families))]
+    return out_y, out_z
+
+
+def _residuals(families, plan, signed, unsigned, n, gbar2, cols):
+    c_sum, c_sq, c_dot = cols
+    gnorm = torch.sqrt(torch.maximum(unsigned[:, c_sq], gbar2 * n))
+    out = []
+    for fam, s, u, nn, gn in zip(families, plan.split(signed), plan.split(unsigned), plan.split(n),
+                                 plan.split(gnorm)):
+        if fam.kind == "translation":
+            num, den = s[:, c_sum].abs(), gn * torch.sqrt(nn)
+        else:
+            num, den = s[:, c_dot].abs(), gn * torch.sqrt(u[:, 3])
+        res = torch.where(num == 0, torch.zeros_like(num), num / den)
+        out.append(res.cpu())
+    return out
+
+
+def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Optional[float] = None,
+          check_limit: Sequence[bool] = ()) -> Tuple[List[SymmetryFamily], List[Rejected]]:
+    """Gradient check of every family on ``setup``; fills ``residual``/``tolerance``; splits pass/fail.
+
+    Families with ``extra["approx"]`` (set by discovery) are also checked with normaliser eps → 0;
+    ``check_limit[i]`` asks for that second number on family ``i`` as well (used to explain failures).
+    """
+    families = list(families)
+    if not families:
+        return [], []
+    named = dict(setup.model.named_parameters(remove_duplicate=False))
+    flags = [bool(f.extra.get("approx")) or (i < len(check_limit) and bool(check_limit[i]))
+             for i, f in enumerate(families)]
+    grads = setup.gradients()
+    grads0 = setup.gradients(eps_limit=True) if any(flags) else None
+    res, res0 = group_residuals(families, named, grads, grads0, flags)
+    passed, rejected = [], []
+    for fam, r, r0 in zip(families, res, res0):
+        worst = int(r.argmax()) if r.numel() else 0
+        fam.residual = float(r.max()) if r.numel() else 0.0
+        if not math.isfinite(fam.residual):
+            fam.residual = float("inf")
+        tol = tolerance if tolerance is not None else (fam.tolerance if fam.tolerance is not None
+                                                       else EXACT_TOLERANCE)
+        fam.tolerance = tol
+        if r0 is not None:
+            fam.extra["residual_eps_limit"] = float(r0.max()) if r0.numel() else 0.0
+        forced = fam.extra.get("forced")
+        if forced:
+            rejected.append(Rejected(fam, fam.residual, f"{forced} (measured residual {fam.residual:.2e})"))
+            continue
+        approx = bool(fam.extra.get("approx"))
+        if approx and not fam.extra["residual_eps_limit"] <= EXACT_TOLERANCE:
+            rejected.append(Rejected(fam, fam.residual, f"gradient check failed even with normaliser eps → 0: "
+                                     f"residual {fam.extra['residual_eps_limit']:.2e} > {EXACT_TOLERANCE:.0e} "
+                                     f"(group {int(r0.argmax())})"))
+            continue
+        if fam.residual <= tol:
+            passed.append(fam)
+            continue
+        if approx:
+            why = (f"exact as eps → 0 (residual {fam.extra['residual_eps_limit']:.1e}), but the normalisers' "
+                   f"eps breaks it: residual {fam.residual:.2e} > tolerance {tol:.1e}")
+        else:
+            why = f"gradient check failed: residual {fam.residual:.2e} > tolerance {tol:.1e} (group {worst})"
+            if r0 is not None and fam.extra["residual_eps_limit"] <= EXACT_TOLERANCE:
+                why += (f"; it holds exactly as normaliser eps → 0 (residual "
+                        f"{fam.extra['residual_eps_limit']:.1e}): set family.tolerance to accept the "
+                        f"eps-approximate symmetry")
+        rejected.append(Rejected(fam, fam.residual, why))
+    return passed, rejected
+
+
+def prove_families(model: torch.nn.Module, families: Sequence[SymmetryFamily], example_inputs,
+                   loss: LossSpec = "cross_entropy", *, targets=None, tolerance: Optional[float] = None,
+                   seed: int = 0) -> Tuple[List[SymmetryFamily], List[Rejected]]:
+    """Prove hand-declared (or discovered) families on one example batch.
+
+    Args:
+        model: the model; never modified (the proof runs on a float64 deep copy, same train/eval mode).
+        families: :class:`SymmetryFamily` objects naming parameters as in ``model.named_parameters()``.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        loss: ``"cross_entropy"`` (random class targets), ``"mse"`` (random normal targets), ``"bce"``
+            (logits against random targets in [0, 1]), ``None`` (loss unknown: an MSE against random
+            targets is used, which has no symmetry of its own), or ``callable(outputs, targets)`` with
+            ``targets=``.
+        tolerance: overrides every family's tolerance.  Otherwise a family's own ``tolerance`` is used,
+            or ``EXACT_TOLERANCE`` (1e-8) when it has none: set ``family.tolerance`` for a family you
+            know to be approximate (e.g. one that relies on BatchNorm with eps > 0).
+        seed: seed of the random targets and of dropout during the check.
+
+    Returns:
+        ``(passed, rejected)``: the families whose every group satisfies the gradient constraint within
+        the tolerance (``residual`` and ``tolerance`` filled in), and a list of :class:`Rejected`
+        ``(family, residual, reason)`` for the others.
+
+    Raises:
+        KeyError for an unknown parameter name, ValueError for a view that does not match the
+        parameter's size or a frozen parameter, TypeError for bad arguments.
+    """
+    families = list(families)
+    validate_families(model, families)
+    setup = ProofSetup(model, example_inputs, loss, targets, seed)
+    # Manual families know nothing about normalisers: measure them with eps → 0 as well, so that a
+    # rejection can say whether a normaliser's eps is the only thing breaking the symmetry.
+    return prove(setup, families, tolerance, check_limit=[True] * len(families))
