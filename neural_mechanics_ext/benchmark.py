@@ -1100,11 +1100,9 @@ def update_results_file(path: str, results: Dict[str, Any], plot_path: Optional[
     return key
 
 
-def print_summary(results: Dict[str, Any], out=sys.stdout) -> None:
+def print_summary(results: Dict[str, Any], out=None) -> None:
     """The compact table printed at the end of a run."""
-    p = lambda s="": print(s, file=out)
-    p()
-    p(render_markdown(results))
+    print("\n" + render_markdown(results), file=out or sys.stdout)
 
 
 # ================================================================================== the command
@@ -1119,6 +1117,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peers of the scaling and count sweeps (torch.compile recompiles at every point)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few rounds: a run of seconds to a minute (plumbing, not numbers)")
+    parser.add_argument("--shrink", type=int, default=None,
+                        help="divide every dimension above 8 of the model sets by this (default 1, quick 4)")
     parser.add_argument("--repeat", type=int, default=None, help="interleaved rounds per case (default 7, quick 3)")
     parser.add_argument("--out", default=None, help="folder for results.json, results.md and scaling.png")
     parser.add_argument("--results", default=None, help="RESULTS.md to update with this machine's section")
@@ -1148,6 +1148,14 @@ def _parse_sizes(text: str) -> List[int]:
 
 def bench_main(args: argparse.Namespace) -> int:
     """Run the selected parts, print the table, write JSON / markdown / plot / RESULTS.md."""
+    threads = torch.get_num_threads()
+    try:
+        return _bench(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("neural-mechanics bench: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -1250,9 +1258,7 @@ def _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, 
     cases = [(s, d) for s in sets for d in dtypes]
     out = []
     for i, (s, d) in enumerate(cases):
-        pset = SET_BUILDERS[s]()
-        if quick:
-            pset = shrink(pset, 4)
+        pset = shrink(SET_BUILDERS[s](), args.shrink or (4 if quick else 1))
         case_deadline = deadline.share(1, len(cases) - i)
         if i > 0 and deadline.passed():
             results["skipped"].append(f"moments {pset.name} {d}: time budget spent")
