@@ -1100,9 +1100,60 @@ def update_results_file(path: str, results: Dict[str, Any], plot_path: Optional[
     return key
 
 
-def print_summary(results: Dict[str, Any], out=None) -> None:
-    """The compact table printed at the end of a run."""
-    print("\n" + render_markdown(results), file=out or sys.stdout)
+def compact_summary(results: Dict[str, Any]) -> str:
+    """The short plain-text table printed at the end of a run (the markdown files hold everything)."""
+    meta = results["meta"]
+    lines = [f"neural-mechanics bench: {section_key(meta)}; torch {meta['torch']}; {meta['date']}; "
+             f"load {', '.join(f'{x:.1f}' for x in meta.get('load_average', [])[:1])}"
+             + (f" -> {meta['load_average_end'][0]:.1f}" if meta.get("load_average_end") else "")]
+    bw = results.get("bandwidth")
+    if bw:
+        lines.append(f"bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s")
+    cases = results.get("moments", [])
+    if cases:
+        peers = [p for p in ALL_PEERS if p != "ours" and any(p in c["peers"] for c in cases)]
+        lines.append("")
+        lines.append(f"{'set':14s} {'g':4s} {'ours ms':>9s} {'GB/s':>7s} {'floor':>6s} {'copy':>6s} "
+                     + " ".join(f"{p:>13s}" for p in peers))
+        copy = bw.get("copy_gbps") if bw else None
+        for c in cases:
+            o = c["peers"]["ours"]
+            fl = f"{c['floor']['fraction']['median'] * 100:.0f}%" if "floor" in c else "-"
+            cp = f"{o['gbps'] / copy * 100:.0f}%" if copy else "-"
+            cells = []
+            for p in peers:
+                e = c["peers"].get(p)
+                cells.append("-" if e is None else (_x(e["ratio"]["median"]) if e["status"] == "ok"
+                                                    else ("failed" if "fail" in e["status"] else "skipped")))
+            lines.append(f"{c['set']:14s} {c['grad_dtype']:4s} {_ms(o['seconds']['median']):>9s} {o['gbps']:7.1f} "
+                         f"{fl:>6s} {cp:>6s} " + " ".join(f"{x:>13s}" for x in cells))
+        lines.append("(floor / copy: our GB/s as a share of the streaming-read floor / of copy bandwidth; "
+                     "peer columns: how many times faster ours is)")
+    for key, title in (("scaling", "params"), ("count", "tensors")):
+        pts = results.get(key)
+        if pts:
+            lines.append("")
+            lines.append(f"{key}: " + "; ".join(
+                f"{p['label']} {_ms(p['peers']['ours']['seconds']['median'])} ms "
+                f"{p['peers']['ours']['gbps']:.0f} GB/s"
+                + (f" (floor {p['floor']['gbps']:.0f})" if "floor" in p else "") for p in pts))
+    t = results.get("tracker")
+    if t:
+        lines.append("")
+        lines.append(f"tracker ({t['workload']}): " + "; ".join(
+            f"{v} {e['step_ms']['median']:.2f} ms" + (f" {e['overhead']['median'] * 100:+.2f}%" if "overhead" in e else "")
+            for v, e in t["variants"].items()))
+    if results.get("goals"):
+        lines.append("")
+        for g in results["goals"]:
+            pct = "overhead" in g["goal"] or "fraction" in g["goal"]
+            fmt = (lambda v: f"{v * 100:.1f}%") if pct else (lambda v: f"{v:.2f}x")
+            mark = "not measured" if g["met"] is None else ("met" if g["met"] else "MISSED")
+            lines.append(f"goal {g['goal']}: {'<=' if g.get('max') else '>='} {fmt(g['target'])}, measured "
+                         f"{'-' if g['measured'] is None else fmt(g['measured'])} ({g['where'] or '-'}): {mark}")
+    if results.get("skipped"):
+        lines.append("skipped: " + "; ".join(results["skipped"]))
+    return "\n".join(lines)
 
 
 # ================================================================================== the command
@@ -1191,19 +1242,24 @@ def _bench(args: argparse.Namespace) -> int:
     min_time = 0.02 if quick else (0.05 if cuda else 0.2)
     slow_budget = 5.0 if quick else 30.0
 
+    def checkpoint() -> None:
+        """Write what is measured so far (a run cut short by a time limit still leaves its numbers)."""
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            tmp = os.path.join(args.out, "results.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1, default=_json_default)
+            os.replace(tmp, os.path.join(args.out, "results.json"))
+
     for part in parts:
         deadline = budget.share(weights[part], remaining)
         remaining -= weights[part]
         try:
             if part == "moments":
-                results["moments"] = _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget,
-                                                   log, results)
-            elif part == "scaling":
-                results["scaling"] = _sweep_part("scaling", args, device, rounds, quick, deadline, min_time, log,
-                                                 results)
-            elif part == "count":
-                results["count"] = _sweep_part("count", args, device, rounds, quick, deadline, min_time, log,
-                                               results)
+                _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, log, results,
+                              checkpoint)
+            elif part in ("scaling", "count"):
+                _sweep_part(part, args, device, rounds, quick, deadline, min_time, log, results, checkpoint)
             elif part == "tracker":
                 results["tracker"] = _tracker_part(args, device, quick, deadline, log)
         except Exception as exc:  # one failed part must not lose the others' numbers
@@ -1213,18 +1269,17 @@ def _bench(args: argparse.Namespace) -> int:
             log(f"{part}: FAILED {type(exc).__name__}: {exc}")
         if cuda:
             torch.cuda.empty_cache()
+        checkpoint()
 
     with contextlib.suppress(OSError):
         meta["load_average_end"] = list(os.getloadavg())
     meta["wall_s"] = time.monotonic() - started
     results["goals"] = evaluate_goals(results)
+    checkpoint()
 
     plot_path = None
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         plot_path = plot_scaling(results, os.path.join(args.out, "scaling.png"))
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=_json_default)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(f"## {section_key(meta)}\n\n" + render_markdown(results, "scaling.png" if plot_path else None))
     if args.results:
@@ -1233,7 +1288,7 @@ def _bench(args: argparse.Namespace) -> int:
             plot_path = plot_scaling(results, os.path.join(tempfile.mkdtemp(), "scaling.png"))
         key = update_results_file(args.results, results, plot_path)
         log(f"updated section '{key}' of {args.results}")
-    print_summary(results)
+    print("\n" + compact_summary(results), flush=True)
     log(f"done in {meta['wall_s']:.0f} s")
     return 0
 
@@ -1246,7 +1301,7 @@ def _json_default(o):
     return repr(o)
 
 
-def _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, log, results):
+def _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, log, results, checkpoint):
     sets = [s for s in args.sets.split(",") if s]
     dtypes = [d for d in args.grad_dtypes.split(",") if d]
     peers = [p for p in args.peers.split(",") if p]
@@ -1255,8 +1310,8 @@ def _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, 
     for s in sets:
         if s not in SET_BUILDERS:
             raise ValueError(f"unknown set {s!r}; known: {', '.join(SET_BUILDERS)}")
-    cases = [(s, d) for s in sets for d in dtypes]
-    out = []
+    cases = [(s, d) for d in dtypes for s in sets]   # every set in fp32 first: what a cut run keeps
+    out = results.setdefault("moments", [])
     for i, (s, d) in enumerate(cases):
         pset = shrink(SET_BUILDERS[s](), args.shrink or (4 if quick else 1))
         case_deadline = deadline.share(1, len(cases) - i)
@@ -1272,10 +1327,10 @@ def _moments_part(args, device, rounds, quick, deadline, min_time, slow_budget, 
                     if n != "ours" and p["status"] == "ok")
             + (f", {rec['floor']['fraction']['median'] * 100:.0f}% of floor" if "floor" in rec else ""))
         out.append(rec)
-    return out
+        checkpoint()
 
 
-def _sweep_part(kind, args, device, rounds, quick, deadline, min_time, log, results):
+def _sweep_part(kind, args, device, rounds, quick, deadline, min_time, log, results, checkpoint):
     cuda = device.type == "cuda"
     peers = [p for p in args.sweep_peers.split(",") if p]
     if "ours" not in peers:
@@ -1296,7 +1351,7 @@ def _sweep_part(kind, args, device, rounds, quick, deadline, min_time, log, resu
         counts = _parse_sizes(args.counts) if args.counts else ([1, 16, 256, 4096] if quick else
                                                                 [1, 16, 256, 4096, 65536])
         points = [(count_set(total, c), c <= args.ref_max_tensors, str(c)) for c in counts]
-    out = []
+    out = results.setdefault(kind, [])
     sweep_rounds = max(3, min(rounds, 5))
     for i, (pset, ref_ok, label) in enumerate(points):
         need = pset.numel * 12
@@ -1318,7 +1373,7 @@ def _sweep_part(kind, args, device, rounds, quick, deadline, min_time, log, resu
         log(f"    ours {o['seconds']['median'] * 1e3:.3g} ms ({o['gbps']:.1f} GB/s)"
             + (f", floor {rec['floor']['gbps']:.1f} GB/s" if "floor" in rec else ""))
         out.append(rec)
-    return out
+        checkpoint()
 
 
 def _tracker_part(args, device, quick, deadline, log):
