@@ -1,11 +1,12 @@
 // The CPU item kernel.  Included by kernel_{avx512,avx2,base}.cpp after kernel_prelude.h and after
 // the instruction-set pragma, with NMX_ISA naming the namespace; do not include it anywhere else.
 //
-// An item is a rectangle rows [r0, r1) x cols [c0, c1) of one entry's [R, L] layout (plan.h).  It is
-// read in groups of four rows: per-column sums (COL views) accumulate into a small double array that
-// stays in cache, per-row totals (RUN views) into nine vector registers per row.  Inputs whose dtype
-// is not the compute type (float, or double when any input is double) are first converted into a
-// per-thread scratch row; float and double inputs are read in place.
+// An item is a rectangle rows [r0, r1) x cols [c0, c1) of one entry's [R, L] layout (plan.h).  Items
+// with COL views are read in groups of rows: per-column sums accumulate into a double array that
+// stays in cache, and with AVX-512 the row totals of RUN views come from the same pass (two rows at
+// a time, nine vector registers per row).  RUN-only items are read one whole row at a time, three
+// sequential streams.  Inputs whose dtype is not the compute type (float, or double when any input is
+// double) are first converted into a per-thread scratch row; float and double inputs are read in place.
 
 namespace nmx {
 namespace cpu {
@@ -26,6 +27,7 @@ typedef double dvec __attribute__((vector_size(8 * kLanes)));
 typedef float fvec __attribute__((vector_size(4 * kLanes), aligned(4)));
 constexpr int64_t kSegment = 4096;  // columns converted / reduced at a time in RUN-only entries
 constexpr int kRowGroup = 4;
+constexpr bool kFused = NMX_ISA_LEVEL == 2;  // add_columns_and_two_rows needs 32 vector registers
 
 NMX_INLINE dvec load(const float* p) {
 #if NMX_ISA_LEVEL == 2
@@ -164,6 +166,46 @@ void add_column_sums(double* acc, const C* const* x, const C* const* y, const C*
   }
 }
 
+// Items with both COL and RUN views, two rows at a time in one pass: the column sums (in memory) and
+// the two rows' totals (in registers) take their terms from the same loads and conversions.  The
+// additions happen in the same order as add_column_sums + add_row_total would do them, so the
+// result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
+template <bool HY, bool HZ, typename C>
+void add_columns_and_two_rows(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n,
+                              Moments<double>& out0, Moments<double>& out1) {
+  Moments<dvec> r0, r1;
+  zero(r0);
+  zero(r1);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    double* block = acc + colsum_index(c, 0);
+    Moments<dvec> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
+    const dvec x0 = load(x[0] + c), y0 = HY ? load(y[0] + c) : dvec{}, z0 = HZ ? load(z[0] + c) : dvec{};
+    accumulate<HY, HZ>(a, x0, y0, z0);
+    accumulate<HY, HZ>(r0, x0, y0, z0);
+    const dvec x1 = load(x[1] + c), y1 = HY ? load(y[1] + c) : dvec{}, z1 = HZ ? load(z[1] + c) : dvec{};
+    accumulate<HY, HZ>(a, x1, y1, z1);
+    accumulate<HY, HZ>(r1, x1, y1, z1);
+    for (int m = 0; m < kMoments; ++m)
+      if (moment_used<HY, HZ>(m)) store(block + m * kLanes, a.m[m]);
+  }
+  Moments<double> t0, t1;
+  for (int m = 0; m < kMoments; ++m) t0.m[m] = hsum(r0.m[m]), t1.m[m] = hsum(r1.m[m]);
+  for (; c < n; ++c) {
+    Moments<double> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
+    for (int q = 0; q < 2; ++q) {
+      const double xv = double(x[q][c]), yv = HY ? double(y[q][c]) : 0.0, zv = HZ ? double(z[q][c]) : 0.0;
+      accumulate<HY, HZ>(a, xv, yv, zv);
+      accumulate<HY, HZ>(q == 0 ? t0 : t1, xv, yv, zv);
+    }
+    for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
+  }
+  add_to(out0, t0);
+  add_to(out1, t1);
+}
+
 template <bool HY, bool HZ, typename C>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   static thread_local std::vector<double> colsum;
@@ -181,8 +223,10 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   }
   scratch.resize(3 * kRowGroup * segment);
 
-  for (int64_t r = it.r0; r < it.r1; r += kRowGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRowGroup, it.r1 - r));
+  // RUN-only items read one row at a time: three long sequential streams, which the prefetchers follow.
+  const int group = e.has_col ? kRowGroup : 1;
+  for (int64_t r = it.r0; r < it.r1; r += group) {
+    const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
       const int64_t n = std::min(segment, it.c1 - s0);
       const C* xp[kRowGroup];
@@ -194,6 +238,18 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
         xp[q] = as_compute(tp.x, tp.dx, off, n, sc);
         if (HY) yp[q] = as_compute(tp.y, tp.dy, off, n, sc + segment);
         if (HZ) zp[q] = as_compute(tp.z, tp.dz, off, n, sc + 2 * segment);
+      }
+      if (kFused && e.has_col && e.has_run) {
+        // One pass for both kinds (single segment, column sums from c0), rows in pairs.
+        int q = 0;
+        for (; q + 2 <= nr; q += 2)
+          add_columns_and_two_rows<HY, HZ>(colsum.data(), xp + q, yp + q, zp + q, n, rowtot[r + q - it.r0],
+                                           rowtot[r + q + 1 - it.r0]);
+        for (; q < nr; ++q) {
+          add_column_sums<1, HY, HZ>(colsum.data(), xp + q, yp + q, zp + q, n);
+          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rowtot[r + q - it.r0]);
+        }
+        continue;
       }
       if (e.has_col) {
         // Items with COL views have a single segment, so the column sums start at column c0.
