@@ -754,6 +754,11 @@ def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, b
             steps = max(1, steps_timed)
             entry["hook_ms_per_step"] = tr.timing["hook_seconds"] / steps * 1e3
             entry["process_ms_per_step"] = tr.timing["process_seconds"] / steps * 1e3
+            if "none" in times:
+                # The tracker's own host time as a share of a plain step: immune to the step-time noise
+                # of a busy machine, blind to indirect costs (caches, GPU time not waited for).
+                own = entry["hook_ms_per_step"] + entry["process_ms_per_step"]
+                entry["own_share"] = own / (quantiles(times["none"])["median"] * 1e3)
         rec["variants"][v] = entry
     for _, _, tr in runs.values():
         if tr is not None:
@@ -939,15 +944,19 @@ def sweep_table(points: List[Dict[str, Any]], key: str) -> str:
 
 
 def tracker_table(t: Dict[str, Any]) -> str:
-    lines = ["| variant | ms/step (median) | IQR ms | overhead (median) | overhead IQR | tracker hook ms/step |",
-             "|---|--:|--:|--:|--:|--:|"]
+    lines = ["| variant | ms/step (median) | IQR ms | overhead (median) | overhead IQR | hook ms/step "
+             "| flush ms/step | own time / plain step |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for v, e in t["variants"].items():
         s = e["step_ms"]
         o = e.get("overhead")
         ov = "-" if o is None else f"{o['median'] * 100:+.2f}%"
         oq = "-" if o is None else f"{o['q1'] * 100:+.2f}% .. {o['q3'] * 100:+.2f}%"
         hook = f"{e['hook_ms_per_step']:.2f}" if "hook_ms_per_step" in e else "-"
-        lines.append(f"| {v} | {s['median']:.2f} | {s['q1']:.2f}-{s['q3']:.2f} | {ov} | {oq} | {hook} |")
+        proc = f"{e['process_ms_per_step']:.2f}" if "process_ms_per_step" in e else "-"
+        own = f"{e['own_share'] * 100:.2f}%" if "own_share" in e else "-"
+        lines.append(f"| {v} | {s['median']:.2f} | {s['q1']:.2f}-{s['q3']:.2f} | {ov} | {oq} | {hook} | {proc} "
+                     f"| {own} |")
     return "\n".join(lines)
 
 
@@ -1142,6 +1151,7 @@ def compact_summary(results: Dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"tracker ({t['workload']}): " + "; ".join(
             f"{v} {e['step_ms']['median']:.2f} ms" + (f" {e['overhead']['median'] * 100:+.2f}%" if "overhead" in e else "")
+            + (f" (own time {e['own_share'] * 100:.2f}%)" if "own_share" in e else "")
             for v, e in t["variants"].items()))
     if results.get("goals"):
         lines.append("")

@@ -101,7 +101,7 @@ def test_tracker_overhead_runs_every_variant():
     for v, e in rec["variants"].items():
         assert e["step_ms"]["n"] == 2
         assert ("overhead" in e) == (v != "none")
-        assert ("hook_ms_per_step" in e) == v.startswith("ours")
+        assert ("hook_ms_per_step" in e) == ("own_share" in e) == v.startswith("ours")
     assert "ours-backward" in B.tracker_table(rec)
 
 
