@@ -25,7 +25,7 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-TOTAL=${NMX_TOTAL_BUDGET:-420}
+TOTAL=${NMX_TOTAL_BUDGET:-450}
 DRY=${NMX_GPU_CHECK_DRY:-0}
 DEVICE=cuda
 BENCH_DEFAULTS="--parts moments,tracker,count,scaling --repeat 5"
@@ -103,12 +103,20 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
 fi
 
 # ---- 2. CUDA tests (op against the reference on the GPU, tracker CUDA vs CPU) ---------------------
-LIMIT=$(( $(left) - 270 ))          # keep about 4.5 minutes for the benchmarks
-LIMIT=$(( LIMIT > 150 ? 150 : LIMIT ))
+LIMIT=$(( $(left) - 240 ))          # keep about 4 minutes for the profile and the benchmarks
+LIMIT=$(( LIMIT > 120 ? 120 : LIMIT ))
 run_phase tests "$LIMIT" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -o addopts="" || STATUS=$?
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 
-# ---- 3. benchmarks --------------------------------------------------------------------------------
+# ---- 3. GB/s of each kernel path on 200 MB tensors (rows, columns, both, bf16 g) against copy -------
+if [ "$DEVICE" = cuda ]; then
+  LIMIT=$(( $(left) - 200 ))
+  LIMIT=$(( LIMIT > 45 ? 45 : LIMIT ))
+  run_phase profile "$LIMIT" "$PY" bench/profile_moments.py --device cuda --paths-only --rounds 5 &&
+    grep -E "GB/s|fixed cost" "$OUT/profile.log"
+fi
+
+# ---- 4. benchmarks --------------------------------------------------------------------------------
 [ -f bench/RESULTS.md ] && cp bench/RESULTS.md "$OUT/RESULTS.md"
 BENCH_LIMIT=$(( $(left) - 15 ))
 BENCH_BUDGET=$(( BENCH_LIMIT * 80 / 100 ))   # the soft budget; the rest covers compile and one slow call
@@ -116,7 +124,7 @@ BENCH_BUDGET=$(( BENCH_LIMIT * 80 / 100 ))   # the soft budget; the rest covers 
 run_phase bench "$BENCH_LIMIT" "$PY" -m neural_mechanics_ext bench --device "$DEVICE" --budget "$BENCH_BUDGET" \
   --out "$OUT/bench" --results "$OUT/RESULTS.md" $BENCH_DEFAULTS ${NMX_BENCH_ARGS:-} || STATUS=$?
 
-# ---- 4. the short table (also from a partial results.json when the bench was cut) -----------------
+# ---- 5. the short table (also from a partial results.json when the bench was cut) -----------------
 echo
 if [ -f "$OUT/bench/results.json" ]; then
   "$PY" - "$OUT/bench/results.json" <<'EOF'
