@@ -548,6 +548,7 @@ class Workload:
     weight_decay: float = 5e-4
     note: str = ""
     families: Optional[list] = None
+    flush_every: Optional[int] = None   # the tracker's flush interval in this workload's real use
 
 
 def vgg16_bn_model(num_classes: int = 200) -> torch.nn.Module:
@@ -598,28 +599,25 @@ def standin_net() -> torch.nn.Module:
 
 
 def demo_workload(device, batch: Optional[int] = None) -> Workload:
-    """The demo net as the demo trains it, when ``neural_mechanics_ext.models`` provides it.
-
-    Looked up in this order: ``models.demo_workload(device)`` returning a Workload-like object;
-    ``models.demo_net()`` with the input shape ``models.DEMO_INPUT_SHAPE`` (default 3×32×32), batch
-    ``models.DEMO_BATCH`` (default 128) and classes from the output width; else a stand-in CNN of the
-    same kind (3×32×32 inputs, 10 classes, batch 128), named as such in the results."""
+    """The demo net as ``neural-mechanics demo`` trains it: ``models.demo_net()`` (3×32×32 inputs, 10
+    classes) with the demo's batch size, SGD settings and tracker flush interval (``runner.RunConfig``
+    defaults: batch 128, lr 0.05, momentum 0.9, weight decay 5e-4, flush every 25), on one fixed batch.
+    Without ``neural_mechanics_ext.models`` (a partial installation) a stand-in CNN of the same kind is
+    used and named as such in the results."""
     try:
         models = importlib.import_module("neural_mechanics_ext.models")
-    except ImportError:
-        models = None
-    if models is not None and hasattr(models, "demo_workload"):
-        return models.demo_workload(device)
-    if models is not None and hasattr(models, "demo_net"):
         make_net, name = models.demo_net, "demo_net"
-        shape = tuple(getattr(models, "DEMO_INPUT_SHAPE", (3, 32, 32)))
-        batch = batch or int(getattr(models, "DEMO_BATCH", 128))
-        note = f"models.demo_net, batch {batch} of {'x'.join(map(str, shape))}"
-    else:
-        make_net, name, shape = standin_net, "stand-in CNN", (3, 32, 32)
-        batch = batch or 128
-        note = (f"STAND-IN for the demo net (neural_mechanics_ext.models.demo_net not available): 7-layer "
-                f"VGG-style CNN with BN, batch {batch} of 3x32x32, 10 classes")
+    except (ImportError, AttributeError):
+        make_net, name = standin_net, "stand-in CNN"
+    settings = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "flush_every": 25}
+    try:
+        from .runner import RunConfig
+        defaults = RunConfig()
+        settings = {k: getattr(defaults, k, v) for k, v in settings.items()}
+    except Exception:  # the runner is optional here: its defaults are copied above
+        pass
+    batch = batch or int(settings["batch_size"])
+    shape = (3, 32, 32)
 
     def make():
         torch.manual_seed(0)
@@ -628,9 +626,16 @@ def demo_workload(device, batch: Optional[int] = None) -> Workload:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((batch,) + shape, generator=gen).to(device)
     with torch.no_grad():
-        classes = make()(x[:2]).shape[-1]
+        probe = make()
+        classes = probe(x[:2]).shape[-1]
+        params = sum(p.numel() for p in probe.parameters())
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-    return Workload(f"{name} b{batch}", make, x, y, note=note + ", SGD lr 0.01 momentum 0.9 wd 5e-4, one fixed batch")
+    what = ("models.demo_net" if name == "demo_net" else
+            "STAND-IN for the demo net (neural_mechanics_ext.models.demo_net not available): 7-layer VGG-style CNN")
+    note = (f"{what} ({_fmt_count(params)} parameters), batch {batch} of 3x32x32, {classes} classes, SGD lr "
+            f"{settings['lr']} momentum {settings['momentum']} wd {settings['weight_decay']}, one fixed batch")
+    return Workload(f"{name} b{batch}", make, x, y, lr=settings["lr"], momentum=settings["momentum"],
+                    weight_decay=settings["weight_decay"], note=note, flush_every=int(settings["flush_every"]))
 
 
 def load_factory(spec: str) -> Callable[..., Workload]:
@@ -1200,7 +1205,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "net on CPU, VGG-16-BN batch 128 at 64x64 on CUDA")
     parser.add_argument("--tracker-rounds", type=int, default=None, help="interleaved blocks per variant")
     parser.add_argument("--tracker-steps", type=int, default=None, help="steps per block (default = flush interval)")
-    parser.add_argument("--flush-every", type=int, default=50, help="SymmetryTracker flush_every of the tracker part")
+    parser.add_argument("--flush-every", type=int, default=None,
+                        help="SymmetryTracker flush_every of the tracker part (default: the workload's, else 50)")
 
 
 def _parse_sizes(text: str) -> List[int]:
@@ -1394,7 +1400,9 @@ def _tracker_part(args, device, quick, deadline, log):
         workload = vgg16_bn_workload(device, batch=16 if quick else 128, size=32 if quick else 64)
     else:
         workload = demo_workload(device, batch=32 if quick else None)
-    flush = args.flush_every if not quick else min(args.flush_every, 5)
+    flush = args.flush_every or workload.flush_every or 50
+    if quick:
+        flush = min(flush, 5)
     steps = args.tracker_steps or flush
     rounds = args.tracker_rounds or (2 if quick else 7)
     log(f"tracker: {workload.name}; {rounds} rounds x {steps} steps per variant")
