@@ -177,3 +177,51 @@ class ConvBN(nn.Module):
     def forward(self, x):
         x = self.conv2(F.relu(self.bn(self.conv(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Kitchen(nn.Module):
+    """Less common dataflow: reflect padding, nearest upsampling, flatten + transpose into a matmul with
+    a bare parameter, chunk, scaled_dot_product_attention, mean over tokens, item assignment into a
+    fresh buffer, and a concatenation that permutes units."""
+
+    def __init__(self, C=4, D=6):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, C, 3, padding=1)
+        self.c1 = nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(C, C, 1)
+        self.P = nn.Parameter(torch.randn(C, D) * 0.5)
+        self.qk = nn.Linear(D, 2 * D)
+        self.v = nn.Linear(D, D)
+        self.o = nn.Linear(D, D)
+        self.a = nn.Linear(D, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c0(x))
+        h = F.interpolate(F.relu(self.c1(h)), scale_factor=2, mode="nearest")
+        h = F.relu(self.c2(h))
+        t = h.flatten(2).transpose(1, 2) @ self.P                      # [B, H*W, D]
+        q, k = self.qk(t).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), self.v(t).unsqueeze(1)).squeeze(1)
+        z = self.o(y).mean(1)
+        w = torch.zeros(z.shape, dtype=z.dtype)
+        w[:, :] = z
+        u = F.relu(self.a(w))
+        u = torch.cat([u[:, 3:], u[:, :3]], dim=1)                     # units reach b permuted
+        return self.b(u)
+
+
+class Dims(nn.Module):
+    """Conv1d/BatchNorm1d and Conv3d paths, a Linear → BatchNorm1d, two inputs, two heads summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Conv1d(4, 5, 3)
+        self.l, self.bn2, self.head_a = nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.c3, self.c4, self.head_b = nn.Conv3d(2, 3, 2), nn.Conv3d(3, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x1, x3):
+        a = F.relu(self.c2(F.relu(self.bn(self.c1(x1))))).mean(-1)
+        a = F.relu(self.bn2(self.l(a)))
+        b = F.relu(self.c4(F.relu(self.c3(x3)))).mean((2, 3, 4))
+        return self.head_a(a) + self.head_b(b)

@@ -25,6 +25,13 @@ torchvision = pytest.importorskip("torchvision")
 warnings.filterwarnings("ignore", message=".*compiled extension is not available.*")
 
 
+def find_quiet(model, x, **kw):
+    """find_symmetries, with any warning (e.g. too few values per BatchNorm set) turned into an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return find_symmetries(model, x, **kw)
+
+
 def sig(fam):
     return fam.kind, frozenset(fam.members)
 
@@ -308,6 +315,108 @@ def test_shared_and_tied_parameters_are_refused():
         assert "tied" in reason or "used by 2 calls" in reason
 
 
+def test_less_common_dataflow():
+    torch.manual_seed(0)
+    model = Z.Kitchen()
+    x = torch.randn(2, 3, 4, 4)
+    fams, rejected = find_symmetries(model, x, return_rejected=True)
+    # c0 → ReLU → reflect pad (inside c1) → c1; c1 → ReLU → nearest upsampling → c2 (1x1);
+    # c2 → ReLU → flatten/transpose → tokens @ P: rows of P compensate (P[k, :], view (1, 4, 6)).
+    # v → scaled_dot_product_attention (linear in the value) → o; o → mean over tokens → item
+    # assignment into a zero buffer → a.  q and k go through the attention logits: nothing.
+    # a → ReLU → cat([u[:, 3:], u[:, :3]]) → b: unit k reaches b's column (k+3) % 6, which no
+    # (A, K, B) view with the units in order expresses: refused.  b → CE: columns + bias.
+    expected = {
+        S("rescale", W("c0.weight", (1, 4, 27)), W("c0.bias", (1, 4, 1)), W("c1.weight", (4, 4, 9), -1)),
+        S("rescale", W("c1.weight", (1, 4, 36)), W("c1.bias", (1, 4, 1)), W("c2.weight", (4, 4, 1), -1)),
+        S("rescale", W("c2.weight", (1, 4, 4)), W("c2.bias", (1, 4, 1)), W("P", (1, 4, 6), -1)),
+        S("rescale", W("v.weight", (1, 6, 6)), W("v.bias", (1, 6, 1)), W("o.weight", (6, 6, 1), -1)),
+        S("rescale", W("o.weight", (1, 6, 6)), W("o.bias", (1, 6, 1)), W("a.weight", (6, 6, 1), -1)),
+        S("translation", W("b.weight", (3, 6, 1))),
+        S("translation", W("b.bias", (1, 1, 3))),
+    }
+    assert fam_set(fams) == expected
+    check_all_pass(fams)
+    assert any(f.name == "c2 → P (rescale)" for f in fams)
+    assert len(rejected) == 1 and rejected[0].family is None and "a → b" in rejected[0].reason
+    for f in fams:
+        assert float(oracle_residuals(model, f, x, lambda o: ce(o, 3)).max()) < 1e-10, f.name
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "per-pixel"])
+def test_conv_classifier(pooled):
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            z = self.head(F.relu(self.c(x)))
+            return z.mean((2, 3)) if pooled else z      # image logits, or per-pixel logits [N, 5, H, W]
+
+    torch.manual_seed(0)
+    fams = find_symmetries(ConvHead(), torch.randn(2, 3, 6, 6))
+    # head feeds cross-entropy (directly per pixel, or after averaging over positions): shifting
+    # head.W[:, c, i, j] adds α·x[c, p+(i,j)] to every class at position p, the same for all classes:
+    # one translation group per input position (c, i, j) -> K = 4*3*3, plus the bias.
+    expected = {
+        S("rescale", W("c.weight", (1, 4, 27)), W("c.bias", (1, 4, 1)), W("head.weight", (5, 4, 9), -1)),
+        S("translation", W("head.weight", (5, 36, 1))),
+        S("translation", W("head.bias", (1, 1, 5))),
+    }
+    assert fam_set(fams) == expected
+    check_all_pass(fams)
+
+
+def test_conv1d_conv3d_batchnorm1d_two_inputs():
+    torch.manual_seed(0)
+    model = Z.Dims()
+    x = (torch.randn(8, 3, 8), torch.randn(8, 2, 3, 3, 3))
+    fams = find_quiet(model, x)
+    # c1 (Conv1d, k=3) → BatchNorm1d: scale per filter + bias translation; bn → ReLU → c2: rescale
+    # (B = 3); c2 → ReLU → mean over length → l: rescale; l → BatchNorm1d over the batch: scale per
+    # feature + bias translation; bn2 → ReLU → head_a: rescale.  c3 (Conv3d, 2x2x2) → ReLU → c4 (1x1x1):
+    # rescale (B = 1); c4 → ReLU → mean → head_b: rescale.  The logits are head_a + head_b: a shift of
+    # either head passes the addition unchanged, so both heads keep their translation groups.
+    expected = {
+        S("scale", W("c1.weight", (1, 4, 9)), W("c1.bias", (1, 4, 1))),
+        S("translation", W("c1.bias", (1, 4, 1))),
+        S("rescale", W("bn.weight", (1, 4, 1)), W("bn.bias", (1, 4, 1)), W("c2.weight", (5, 4, 3), -1)),
+        S("rescale", W("c2.weight", (1, 5, 12)), W("c2.bias", (1, 5, 1)), W("l.weight", (6, 5, 1), -1)),
+        S("scale", W("l.weight", (1, 6, 5)), W("l.bias", (1, 6, 1))),
+        S("translation", W("l.bias", (1, 6, 1))),
+        S("rescale", W("bn2.weight", (1, 6, 1)), W("bn2.bias", (1, 6, 1)), W("head_a.weight", (3, 6, 1), -1)),
+        S("rescale", W("c3.weight", (1, 3, 16)), W("c3.bias", (1, 3, 1)), W("c4.weight", (4, 3, 1), -1)),
+        S("rescale", W("c4.weight", (1, 4, 3)), W("c4.bias", (1, 4, 1)), W("head_b.weight", (3, 4, 1), -1)),
+        S("translation", W("head_a.weight", (3, 6, 1))),
+        S("translation", W("head_a.bias", (1, 1, 3))),
+        S("translation", W("head_b.weight", (3, 4, 1))),
+        S("translation", W("head_b.bias", (1, 1, 3))),
+    }
+    assert fam_set(fams) == expected
+    check_all_pass(fams)
+
+
+def test_in_place_update_through_a_view_is_not_trusted():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = F.relu(self.l1(x)).clone()
+            h[:, :2].add_(1.0)          # writes into h through a view: h is no longer homogeneous
+            return self.l3(F.relu(self.l2(h)))
+
+    torch.manual_seed(0)
+    fams, rejected = find_symmetries(Alias(), torch.randn(5, 4), return_rejected=True)
+    # The capture sees h's version counter change behind its back, so l1 → l2 is not even proposed.
+    assert {f.name for f in fams} == {"l2 → l3 (rescale)", "l3 (translation, columns)", "l3 (translation, bias)"}
+    assert rejected == []
+    check_all_pass(fams)
+
+
 # ---------------------------------------------------------------------------------------- BatchNorm
 def test_conv_bn_train_and_eval():
     torch.manual_seed(0)
@@ -374,7 +483,7 @@ def test_vgg16():
     torch.manual_seed(0)
     C = 10
     model = torchvision.models.vgg16(num_classes=C)
-    fams = find_symmetries(model, torch.randn(2, 3, 32, 32))
+    fams = find_quiet(model, torch.randn(2, 3, 32, 32))
     # 13 convs, each → ReLU (→ MaxPool) → next conv: 12 rescale pairs with the next conv's input
     # channels (B = 3*3).  The last conv → ReLU → MaxPool → AdaptiveAvgPool(7x7) → flatten →
     # classifier.0: a flatten block of 49 columns per channel.  classifier.0 → ReLU → Dropout →
@@ -399,7 +508,7 @@ def test_vgg16_bn():
     torch.manual_seed(0)
     C = 10
     model = torchvision.models.vgg16_bn(num_classes=C)
-    fams = find_symmetries(model, torch.randn(4, 3, 32, 32))
+    fams = find_quiet(model, torch.randn(4, 3, 32, 32))
     # Each of the 13 convs (with bias) → BN: per-filter scale {W[k], b[k]} and a per-channel bias
     # translation (13 + 13).  The rescale pair moves to the BN affine: BN (γ,β) → ReLU (→ MaxPool) →
     # next conv (12), the last BN → ... → flatten → classifier.0 (49 columns per channel).  The
@@ -469,7 +578,7 @@ def test_resnet18_and_model_untouched():
     model.fc.weight.grad = torch.ones_like(model.fc.weight)   # an existing gradient must survive
     x = torch.randn(4, 3, 64, 64)
     before = snapshot(model)
-    fams = find_symmetries(model, x)
+    fams = find_quiet(model, x)
     after = snapshot(model)
     # Stem conv1 → bn1: scale.  Every conv → BN: scale (20 convs: stem, 16 in blocks, 3 downsample).
     # Inside each BasicBlock, bn1 (γ,β) → ReLU → conv2: rescale (8).  bn2 and the downsample BN end in
@@ -494,7 +603,7 @@ def test_resnet50():
     C = 10
     model = torchvision.models.resnet50(num_classes=C)
     model._nmx_layers = (3, 4, 6, 3)
-    fams = find_symmetries(model, torch.randn(4, 3, 64, 64))
+    fams = find_quiet(model, torch.randn(4, 3, 64, 64))
     # 53 convs, each → BN: scale.  Inside each of the 16 Bottlenecks: bn1 → ReLU → conv2 and
     # bn2 → ReLU → conv3: rescale (32).  One more: the stem's bn1 → ReLU → maxpool feeds layer1.0's
     # conv1 AND its downsample conv (a projection shortcut, not an identity), so scaling stem channel
@@ -512,7 +621,7 @@ def test_mobilenet_v2():
     torch.manual_seed(0)
     C = 10
     model = torchvision.models.mobilenet_v2(num_classes=C)
-    fams = find_symmetries(model, torch.randn(4, 3, 64, 64))
+    fams = find_quiet(model, torch.randn(4, 3, 64, 64))
     # Every Conv2d (no bias) is followed by BatchNorm: 1 stem + 2 (block 1: depthwise, project) +
     # 16 blocks * 3 (expand, depthwise, project) + 1 last 1x1 = 52 scale families; depthwise filters
     # are (1, C, 1*3*3).  Activations are ReLU6 (not homogeneous): no rescale through them.  The

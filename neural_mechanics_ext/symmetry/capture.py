@@ -108,7 +108,7 @@ class Graph:
     def _new_value(self, t: torch.Tensor, kind: str, producer=None, name=None) -> Value:
         v = Value(len(self.values), kind, tuple(t.shape), t.dtype, producer, name)
         if not (t.dtype.is_floating_point or t.dtype.is_complex):
-            v.tensor = t.detach()
+            v.tensor = t.detach().cpu()     # indices and masks, replayed on (CPU) label tensors
         self.values.append(v)
         self._bind(t, v)
         if kind in ("act", "input"):

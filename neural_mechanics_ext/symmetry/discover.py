@@ -75,16 +75,14 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         if count:
             fam.name = f"{fam.name} #{count + 1}"
         if cand.approx:
-            worst = max(r for _, _, r, _ in cand.approx)
+            # each normaliser that absorbs the scaling adds its own O(eps/var) violation
+            total = sum(r for _, _, r, _ in cand.approx)
             for tag, _, _, size in cand.approx:
                 if 0 < size < MIN_SET_SIZE:
                     small_sets[tag] = size
-            fam.tolerance = EXACT_TOLERANCE + EPS_FACTOR * worst
+            fam.tolerance = EXACT_TOLERANCE + EPS_FACTOR * total
             fam.extra["approx"] = cand.approx
-            fam.note = "approximate: " + "; ".join(
-                f"{_LONG_NAME.get(tag.split(' ', 1)[0], tag.split(' ', 1)[0])} {tag.split(' ', 1)[-1]} eps={eps:g} "
-                f"breaks the symmetry at O(eps/var) (max eps/(var+eps) = {r:.1e})"
-                for tag, eps, r, _ in cand.approx)
+            fam.note = _approx_note(cand.approx, total)
         else:
             fam.tolerance = EXACT_TOLERANCE
         if cand.forced:
@@ -92,7 +90,7 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         families.append(fam)
     if small_sets:
         warnings.warn("find_symmetries: on the example inputs " + ", ".join(
-            f"{tag} normalises only {n} values per set" for tag, n in small_sets.items()) +
+            f"{_long(tag)} normalises only {n} values per set" for tag, n in small_sets.items()) +
             "; with so few values its gradients are ill-conditioned and the scale checks say little. "
             f"Use more samples or a larger input (at least {MIN_SET_SIZE} values per normalised set).",
             RuntimeWarning, stacklevel=2)
@@ -114,6 +112,23 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
             print("rejected:")
             print(describe(rejected))
     return (passed, rejected) if return_rejected else passed
+
+
+def _long(tag: str) -> str:
+    kind, _, name = tag.partition(" ")
+    return f"{_LONG_NAME.get(kind, kind)} {name}"
+
+
+def _approx_note(approx, total: float) -> str:
+    if len(approx) == 1:
+        tag, eps, r, _ = approx[0]
+        return (f"approximate: {_long(tag)} eps={eps:g} breaks the symmetry at O(eps/var) "
+                f"(max eps/(var+eps) = {r:.1e})")
+    tags = [_long(t) for t, _, _, _ in approx]
+    shown = ", ".join(tags[:3]) + (f", +{len(tags) - 3} more" if len(tags) > 3 else "")
+    epss = sorted({e for _, e, _, _ in approx})
+    return (f"approximate: the eps ({', '.join(f'{e:g}' for e in epss)}) of {len(tags)} normalisers ({shown}) "
+            f"breaks the symmetry at O(eps/var) (sum of max eps/(var+eps) = {total:.1e})")
 
 
 def _prove(setup, families, tolerance):

@@ -25,6 +25,20 @@ The result is a candidate family: kind ``scale`` (only absorbers), ``rescale`` (
 group of each of its elements and fitting an ``(A, K, B)`` view to that map.  A map that no view
 expresses (a grouped conv consumer, a permuted consumer, a partially covered tensor) is refused with a
 reason, never approximated.
+
+Choices (all follow from starting with the finest groups and merging only what an op forces):
+
+* Translation of a bias starts with one group per element.  In front of BatchNorm / InstanceNorm every
+  ``b[k]`` stays its own group (view ``(1, C, 1)``): each has zero gradient by itself, and the whole-bias
+  group is just their sum.  GroupNorm merges the biases of a channel group, LayerNorm and
+  cross-entropy merge all of them (view ``(1, 1, C)``).  Weight columns are a separate family
+  ("columns", one group per input position); both are named ``"<layer> (translation, bias|columns)"``.
+* Scale of a Linear/Conv is ``{W[k], b[k]}`` per output channel (``W`` rows ``(1, out, rest)``, ``b``
+  ``(1, out, 1)``), merged to channel groups by GroupNorm and to the whole layer by LayerNorm.
+* A shift passes through additions of unperturbed tensors (a shift of the residual stream stays a
+  shift), a scaling does not (a residual join ends it).
+* A unit read by several layers is compensated in all of them (all join ``A2``); a unit that is also
+  read by anything else is not a symmetry.
 """
 from __future__ import annotations
 
@@ -43,6 +57,8 @@ SCALE, SHIFT = "scale", "shift"
 
 _IDENTITY = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu",
              "cuda", "requires_grad", "positive", "alias", "identity"}
+_VALUE_FREE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+               "new_zeros", "new_ones", "new_empty", "new_full", "size", "numel", "dim"}
 _HOMOGENEOUS = {"relu", "leaky_relu", "rrelu", "prelu", "abs"}   # σ(αx) = ασ(x) for α > 0
 _DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
 _MOVE = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
@@ -120,7 +136,10 @@ def _op_layer(node: Node, graph: Graph) -> str:
         a = _bind(node, args, kwargs).get(key)
         if isinstance(a, Value) and a.kind == "param":
             return layer_name(a.name)
-    return node.module or f"{node.op}#{node.index}"
+    for v in node.inputs:
+        if v.kind == "param":
+            return layer_name(v.name)
+    return f"{node.op}#{node.index}"
 
 
 def _sig(op: str) -> Tuple[str, ...]:
@@ -341,7 +360,8 @@ class _Propagation:
     def step(self, node: Node) -> None:
         op = node.op
         args, kwargs = node.call_args()
-        reached = [v for v in node.inputs if v in self.g]
+        if op in _VALUE_FREE:
+            return None         # the result does not depend on the values: nothing is perturbed
         if op in _IDENTITY:
             return self.unary(node, args)
         if op in _MOVE:
@@ -385,7 +405,6 @@ class _Propagation:
             return self.normaliser(node, args, kwargs)
         if op in ("cross_entropy", "softmax", "log_softmax"):
             return self.shift_absorber(node, args, kwargs)
-        del reached
         raise _Dead(f"{self.where(node)} does not preserve the {'scaling' if self.mode == SCALE else 'shift'}")
 
     # -- op families
@@ -499,7 +518,6 @@ class _Propagation:
             dims = list(range(nd))
         else:
             dims = sorted({d % nd for d in ([dim] if isinstance(dim, int) else dim)})
-        keep = [d for d in range(nd) if d not in dims]
         out = node.outputs[0]
         where = self.where(node)
         rows, kept = _fibers(self.g[x], dims)
@@ -510,7 +528,6 @@ class _Propagation:
         rep = self.merge_rows(rows, where, allow_unreached=True)
         prow, _ = _fibers(self.p[x], dims)
         p = self._combine(prow, mean=(node.op == "mean"))
-        del keep
         self.set(out, rep.reshape(out.shape).clone(), p.reshape(out.shape).clone())
 
     def _combine(self, prow: torch.Tensor, mean: bool) -> torch.Tensor:

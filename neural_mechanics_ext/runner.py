@@ -1,0 +1,757 @@
+"""``neural-mechanics demo`` and ``neural-mechanics train``: train a model with a SymmetryTracker attached
+and leave a run folder that ``neural-mechanics report`` turns into figures and ``report.html``.
+
+Both commands resolve their options into a :class:`RunConfig` and call :func:`run_training`, which is
+also the Python entry point (``run_training(RunConfig(model="vgg16_bn", data="~/tiny-imagenet-200"))``).
+
+The run folder is written as the run goes, so that an interrupted run (Ctrl-C, a killed job) can still
+be reported on:
+
+    config.json        every setting, resolved (written first)
+    environment.json   versions (python, torch, build_info), CPU/GPU, date, command line
+    families.txt       the table of symmetry families (``describe``); families.json, the same as data
+    metrics.csv, metrics.jsonl, groups/block-*.npz   the tracker's sinks, every flush (+ tensorboard/)
+    train_log.csv      step, epoch, loss, accuracy, lr, step and data-loading seconds (every flush)
+    raw_weights.csv    a few raw weights of one layer per logged step (the paper's Fig. 1, left)
+    summary.json       tracker.summary(), overhead, final loss/accuracy, status (written at the end,
+                       also after Ctrl-C; missing only when the process was killed)
+    figures/*.png, report.html     written at the end by ``report.write_report``
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sinks import append_durably, write_atomically
+
+# ---- configuration ---------------------------------------------------------------------------------
+# THEORY.md §8: the paper's Tiny ImageNet runs.  The paper sweeps weight decay over {0, 1e-4, 5e-4,
+# 1e-3} and momentum over {0.8, 0.9, 0.99} (dampening 0 or 0.01); --weight-decay, --momentum and
+# --dampening pick one point of the sweep on top of a preset.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper-vgg16": dict(model="vgg16", image_size=64, lr=0.1, momentum=0.0, batch_size=256, epochs=100,
+                        weight_decay=5e-4, schedule="constant"),
+    "paper-vgg16-bn": dict(model="vgg16_bn", image_size=64, lr=0.1, momentum=0.0, batch_size=256, epochs=100,
+                           weight_decay=5e-4, schedule="constant"),
+    "paper-vgg16-momentum": dict(model="vgg16", image_size=64, lr=0.1, momentum=0.9, batch_size=128,
+                                 epochs=100, weight_decay=5e-4, schedule="constant"),
+    "paper-vgg16-bn-momentum": dict(model="vgg16_bn", image_size=64, lr=0.1, momentum=0.9, batch_size=128,
+                                    epochs=100, weight_decay=5e-4, schedule="constant"),
+}
+TINY_IMAGENET_HINT = ("Tiny ImageNet as an ImageFolder tree: DIR/train/<wnid>/images/*.JPEG "
+                      "(e.g. the unpacked tiny-imagenet-200/)")
+EXACT_BN_EPS = 1e-30  # with float64, var + 1e-30 == var for any var > 1e-14: the scale symmetry is exact
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run (``config.json`` holds it, resolved).  Defaults are the demo's."""
+    command: str = "demo"
+    model: str = "demo"
+    data: str = "generated"
+    preset: Optional[str] = None
+    num_classes: int = 10              # generated data only; folders say how many classes they have
+    image_size: Optional[int] = None   # generated: 32; folders: their own size unless given
+    train_samples: int = 6144          # generated data only
+    test_samples: int = 1024           # generated data only
+    batch_size: int = 128
+    steps: Optional[int] = None        # optimizer steps; or epochs (steps wins when both are given)
+    epochs: Optional[float] = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "constant"         # constant | multistep | cosine
+    milestones: List[float] = field(default_factory=list)   # multistep: in epochs (in steps with --steps)
+    gamma: float = 0.1
+    device: str = "auto"
+    amp: bool = False
+    exact: bool = False                # float64 and BN eps 1e-30: rounding-level agreement
+    seed: int = 0
+    out: Optional[str] = None
+    workers: Optional[int] = None
+    log_every: Optional[int] = None    # tracker rows kept; default: about 1000 rows per run
+    flush_every: int = 25
+    calibrate_steps: int = 16          # direct overhead measurement (0: skip)
+    raw_weights: int = 24
+    hook: str = "optimizer"
+    tensorboard: bool = False          # also write TensorBoard event files (tensorboard/)
+    eval_batches: Optional[int] = None
+    progress: bool = True
+    report: bool = True
+
+    def resolved(self) -> "RunConfig":
+        """A copy with the preset applied under the explicit settings and every default filled in."""
+        c = dataclasses.replace(self)
+        if c.preset:
+            if c.preset not in PRESETS:
+                raise ValueError(f"unknown preset {c.preset!r}; presets: {', '.join(PRESETS)}")
+        if c.device == "auto":
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if c.schedule not in ("constant", "multistep", "cosine"):
+            raise ValueError(f"unknown schedule {c.schedule!r}: constant, multistep or cosine")
+        if c.exact and c.amp:
+            raise ValueError("--exact (float64) and --amp (reduced precision) exclude each other")
+        if c.batch_size < 1 or (c.steps is not None and c.steps < 1) or (c.epochs is not None and c.epochs <= 0):
+            raise ValueError("batch size, steps and epochs must be positive")
+        from .models import MODELS
+        if c.model.lower().replace("-", "_") not in MODELS:
+            raise ValueError(f"unknown model {c.model!r}; known models: {', '.join(MODELS)}")
+        if c.workers is None:
+            c.workers = 0 if c.data == "generated" else min(4, os.cpu_count() or 1)
+        return c
+
+
+def default_out_dir(command: str) -> str:
+    return os.path.join("runs", f"{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _json_safe(x):
+    """NaN/inf → None and numpy scalars → Python numbers, so the files are strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON, written atomically (a reader never sees half a file)."""
+    write_atomically(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def environment() -> Dict[str, Any]:
+    """Versions and hardware, for environment.json and the report."""
+    from . import build_info
+    env: Dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command_line": " ".join(["neural-mechanics"] + sys.argv[1:]) if sys.argv and "neural" in sys.argv[0] else None,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "numpy": np.__version__, "neural_mechanics_ext": build_info(),
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    for mod in ("torchvision", "matplotlib"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    if torch.cuda.is_available():
+        env["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_optimizer(model: torch.nn.Module, c: RunConfig) -> torch.optim.SGD:
+    """SGD with coupled weight decay on every parameter, as the paper trains (THEORY §8)."""
+    return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, dampening=c.dampening,
+                           nesterov=c.nesterov, weight_decay=c.weight_decay)
+
+
+def make_schedule(opt, c: RunConfig, total_steps: int, steps_per_epoch: int, by_epochs: bool):
+    """A per-step scheduler (None for a constant lr).  Milestones are epochs when the run's length is
+    given in epochs, else steps."""
+    if c.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if c.schedule == "multistep":
+        if not c.milestones:
+            raise ValueError("--schedule multistep needs --milestones")
+        unit = steps_per_epoch if by_epochs else 1
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [int(round(m * unit)) for m in c.milestones], c.gamma)
+    return None
+
+
+class Stepper:
+    """One training step (forward, loss, backward, optimizer step), with AMP when asked."""
+
+    def __init__(self, model, opt, device: torch.device, amp: bool):
+        self.model, self.opt, self.device = model, opt, device
+        self.amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    def __call__(self, x, y):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(x)
+            # The loss in float32 at least (AMP gives half-precision logits), never below the model's
+            # own precision: a float64 model's exactness (--exact) must survive the loss.
+            loss = F.cross_entropy(out if out.dtype in (torch.float32, torch.float64) else out.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)  # unscales first: the tracker's hook sees the true gradient
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[str, Any]:
+    """Measure the tracker's cost directly: two copies of the model take the same steps, one with a
+    tracker and one without, alternating step by step so that load from other processes hits both
+    alike; the ratio of each adjacent pair of step times is robust to load spikes, and its median is
+    the overhead.  The tracked copy's host-side processing (``tracker.sync()`` at the end, timed on
+    its own) is spread over its steps.  The real model is not touched and the global RNG is restored.
+    Returns per-step seconds (medians), the overhead in percent and the quartiles of the pair ratios."""
+    from .tracker import SymmetryTracker
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
+        opt_plain, opt_tracked = make_optimizer(plain, c), make_optimizer(tracked, c)
+        tracker = SymmetryTracker(tracked, opt_tracked, families=families, flush_every=len(batch_list) + 2,
+                                  hook=c.hook)
+        run_plain, run_tracked = Stepper(plain, opt_plain, device, c.amp), Stepper(tracked, opt_tracked, device, c.amp)
+        for x, y in batch_list[:2]:  # warm-up: allocations, momentum buffers, first-call costs
+            run_plain(x, y), run_tracked(x, y)
+        tracker.sync()
+        _sync(device)
+        t_plain, t_tracked = [], []
+        for i, (x, y) in enumerate(batch_list[2:]):
+            # alternate which copy goes first, so neither always follows the other's cache effects
+            order = ((t_plain, run_plain), (t_tracked, run_tracked)) if i % 2 == 0 else \
+                ((t_tracked, run_tracked), (t_plain, run_plain))
+            for times, run in order:
+                start = time.perf_counter()
+                run(x, y)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tracker.sync()
+        process_s = time.perf_counter() - start
+        tracker.close()
+    n = len(t_plain)
+    plain_med = float(np.median(t_plain))
+    ratios = np.array(t_tracked) / np.array(t_plain)
+    extra = process_s / n / plain_med
+    q1, med, q3 = (float(np.percentile(ratios, q)) - 1 + extra for q in (25, 50, 75))
+    return {"steps": n, "plain_step_seconds": plain_med, "tracked_step_seconds": float(np.median(t_tracked)),
+            "process_seconds": process_s, "percent": 100 * med, "percent_quartiles": [100 * q1, 100 * q3]}
+
+
+def pick_raw_weights(model, families, count: int, seed: int):
+    """The parameter whose raw weights the paper's Fig. 1 shows (a conv in front of BN, i.e. a scale
+    family's first member, from the middle of the network; else a rescale family's), and ``count``
+    random flat indices into it."""
+    if count <= 0:
+        return None
+    for kind in ("scale", "rescale"):
+        fams = [f for f in families if f.kind == kind]
+        if fams:
+            fam = fams[len(fams) // 2]
+            name = fam.members[0][0]
+            p = dict(model.named_parameters())[name]
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(p.numel(), generator=gen)[:count].sort().values
+            return {"family": fam.name, "param": name, "indices": idx.tolist()}
+    return None
+
+
+class RunLog:
+    """train_log.csv and raw_weights.csv, appended in blocks (same durability as the tracker's sinks)."""
+
+    FIELDS = ["step", "epoch", "loss", "accuracy", "lr", "step_seconds", "data_seconds"]
+
+    def __init__(self, run_dir: str, raw: Optional[dict]):
+        self.path = os.path.join(run_dir, "train_log.csv")
+        self.raw_path = os.path.join(run_dir, "raw_weights.csv")
+        self.rows: List[list] = []
+        self.raw_rows: List[list] = []
+        append_durably(self.path, (",".join(self.FIELDS) + "\n").encode())
+        if raw:
+            append_durably(self.raw_path, (",".join(["step"] + [f"w{i}" for i in raw["indices"]]) + "\n").encode())
+
+    def add(self, row: list, raw_values: Optional[torch.Tensor]):
+        self.rows.append(row)
+        if raw_values is not None:
+            self.raw_rows.append([row[0], raw_values])
+
+    def flush(self):
+        if self.rows:
+            append_durably(self.path, "".join(",".join(_fmt(v) for v in r) + "\n" for r in self.rows).encode())
+            self.rows = []
+        if self.raw_rows:
+            values = torch.stack([v for _, v in self.raw_rows]).double().cpu().tolist()  # one sync per block
+            text = "".join(",".join([str(s)] + [repr(x) for x in vals]) + "\n"
+                           for (s, _), vals in zip(self.raw_rows, values))
+            append_durably(self.raw_path, text.encode())
+            self.raw_rows = []
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else repr(float(v))
+
+
+def read_train_log(run_dir: str) -> Dict[str, np.ndarray]:
+    """train_log.csv as columns (empty dict if absent)."""
+    path = os.path.join(run_dir, "train_log.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+        rows = [line.strip().split(",") for line in f if line.strip()]
+    rows = [r for r in rows if len(r) == len(header)]
+    return {h: np.array([float(r[i]) for r in rows]) for i, h in enumerate(header)}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = None,
+                 log: Callable[[str], None] = print) -> str:
+    """Train with a SymmetryTracker attached and write the run folder; returns its path.
+
+    ``on_step(step)`` is called after every optimizer step (tests use it to interrupt a run).  A
+    KeyboardInterrupt closes the tracker, writes summary.json with ``status: interrupted`` and the
+    report, then propagates.  Raises FileNotFoundError/ValueError for bad data or model names before
+    anything is trained.
+    """
+    from .data import batches, load_data
+    from .models import build_model
+    from .report import add_magnitudes
+    from .sinks import run_sinks
+    from .symmetry import describe, find_symmetries
+    from .tracker import SymmetryTracker
+
+    t0 = time.perf_counter()
+    c = config.resolved()
+    if c.preset and c.data == "generated":
+        log(f"preset {c.preset} on generated data: a smoke test, not the paper's experiment")
+    device = torch.device(c.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    dtype = torch.float64 if c.exact else torch.float32
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+
+    spec = load_data(c.data, image_size=c.image_size, seed=c.seed, train_samples=c.train_samples,
+                     test_samples=c.test_samples, num_classes=c.num_classes)
+    c.image_size, c.num_classes = spec.image_size, spec.num_classes
+    model = build_model(c.model, spec.num_classes, spec.in_channels, spec.image_size,
+                        bn_eps=EXACT_BN_EPS if c.exact else None).to(device=device, dtype=dtype)
+    steps_per_epoch = max(1, len(spec.train) // c.batch_size)
+    by_epochs = c.steps is None and c.epochs is not None
+    if c.steps is None:
+        c.steps = int(round(c.epochs * steps_per_epoch)) if c.epochs is not None else 300
+    total = c.steps
+    if c.log_every is None:
+        c.log_every = max(1, total // 1000)   # bounds history and figures for long runs
+
+    run_dir = os.path.abspath(c.out or default_out_dir(c.command))
+    if os.path.exists(os.path.join(run_dir, "metrics.csv")):
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.csv); choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+    c.out = run_dir
+    write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(c))
+    write_json(os.path.join(run_dir, "environment.json"), environment())
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{c.model}: {params / 1e6:.2f} M parameters; data {spec.name} ({len(spec.train)} training images, "
+        f"{spec.num_classes} classes, {spec.image_size}×{spec.image_size}); {total} steps on {device}"
+        + (" in float64 (--exact)" if c.exact else ""))
+
+    def to_device(batch):
+        x, y = batch
+        return x.to(device=device, dtype=dtype, non_blocking=True), y.to(device, non_blocking=True)
+
+    train_iter = batches(spec, c.batch_size, c.seed, c.workers, pin_memory=device.type == "cuda")
+    td = time.perf_counter()
+    # A few samples suffice for discovery (it proves every family on them, in float64, on a copy).
+    example = to_device(next(batches(spec, min(8, len(spec.train)), c.seed + 1, 0)))[0]
+    families = find_symmetries(model, example)
+    discovery_s = time.perf_counter() - td
+    with open(os.path.join(run_dir, "families.txt"), "w") as f:
+        f.write(describe(families) + "\n")
+    write_json(os.path.join(run_dir, "families.json"), [
+        {"name": fam.name, "kind": fam.kind, "groups": fam.num_groups, "layer": fam.layer,
+         "members": [[n, list(v), s] for n, v, s in fam.members], "residual": fam.residual,
+         "tolerance": fam.tolerance, "note": fam.note} for fam in families])
+    kinds = {k: sum(f.kind == k for f in families) for k in ("scale", "rescale", "translation")}
+    log(f"symmetry discovery: {len(families)} families ({', '.join(f'{n} {k}' for k, n in kinds.items())}) "
+        f"in {discovery_s:.1f} s")
+
+    opt = make_optimizer(model, c)
+    sched = make_schedule(opt, c, total, steps_per_epoch, by_epochs)
+
+    overhead_direct = None
+    if c.calibrate_steps > 0:
+        calib_iter = batches(spec, c.batch_size, c.seed + 2, 0 if c.data == "generated" else c.workers)
+        batch_list = [to_device(next(calib_iter)) for _ in range(c.calibrate_steps + 2)]
+        try:
+            overhead_direct = measure_overhead(model, c, families, batch_list, device)
+        except RuntimeError as exc:  # e.g. out of memory for two extra copies: the run goes on
+            overhead_direct = {"error": str(exc)}
+        del batch_list, calib_iter
+
+    # The tracker's standard run-folder sinks (what out_dir=run_dir gives), with TensorBoard only on
+    # request: one add_scalar per family, field and step costs more than the tracking on a small CPU run.
+    tracker = SymmetryTracker(model, opt, families=families, sinks=run_sinks(run_dir, tensorboard=c.tensorboard),
+                              log_every=c.log_every,
+                              flush_every=c.flush_every, hook=c.hook)
+    raw = pick_raw_weights(model, families, c.raw_weights, c.seed)
+    if raw:
+        write_json(os.path.join(run_dir, "raw_weights.json"), raw)
+        raw_param = dict(model.named_parameters())[raw["param"]]
+        raw_index = torch.tensor(raw["indices"], device=device)
+    runlog = RunLog(run_dir, raw)
+    stepper = Stepper(model, opt, device, c.amp)
+
+    status, step, train_s = "finished", 0, 0.0
+    losses, accs = [], []
+    bar = _progress(total, c.progress)
+    model.train()
+    with GracefulInterrupt(log) as interrupt:
+        try:
+            while step < total:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                d0 = time.perf_counter()
+                x, y = to_device(next(train_iter))
+                s0 = time.perf_counter()
+                raw_values = raw_param.detach().reshape(-1)[raw_index].clone() if raw else None
+                lr = opt.param_groups[0]["lr"]
+                loss, correct = stepper(x, y)
+                loss, acc = float(loss), float(correct) / len(y)   # the per-step sync of any progress bar
+                s1 = time.perf_counter()
+                if sched is not None:
+                    sched.step()
+                train_s += s1 - s0
+                if step % c.log_every == 0:
+                    runlog.add([step, step / steps_per_epoch, loss, acc, lr, s1 - s0, s0 - d0], raw_values)
+                losses.append(loss)
+                accs.append(acc)
+                step += 1
+                if step % c.flush_every == 0:
+                    runlog.flush()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 5 == 0 or step == total:
+                        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", acc=f"{np.mean(accs[-10:]):.2f}")
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss} at step {step - 1}; lower --lr")
+                if on_step is not None:
+                    on_step(step)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except Exception:
+            # Ctrl-C also reaches DataLoader workers, which then exit: the batch being fetched fails
+            if not interrupt.requested:
+                raise
+            status = "interrupted"
+        finally:
+            if bar is not None:
+                bar.close()
+            runlog.flush()
+            tracker.close()   # processes and writes what the tracker still holds
+
+    test_acc = None
+    if status == "finished" and spec.test is not None:
+        test_acc = evaluate(model, spec, c, to_device)
+    tracker_s = tracker.timing["hook_seconds"] + tracker.timing["process_seconds"]
+    summary = {
+        "status": status, "steps": tracker.step, "total_steps": total, "epochs": step / steps_per_epoch,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "final_train_accuracy": float(np.mean(accs[-10:])) if accs else None,
+        "initial_loss": float(np.mean(losses[:5])) if losses else None,
+        "test_accuracy": test_acc,
+        "seconds": {"discovery": discovery_s, "training_steps": train_s, "wall": time.perf_counter() - t0},
+        "overhead": {
+            "timers": {"hook_seconds": tracker.timing["hook_seconds"],
+                       "process_seconds": tracker.timing["process_seconds"], "train_step_seconds": train_s,
+                       "percent": 100 * tracker_s / max(train_s - tracker_s, 1e-12)},
+            "direct": overhead_direct},
+        "families": add_magnitudes(tracker.summary(), tracker.history()),
+    }
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    if c.report:
+        from .report import write_report
+        t1 = time.perf_counter()
+        write_report(run_dir)
+        summary["seconds"]["report"] = time.perf_counter() - t1
+        summary["seconds"]["wall"] = time.perf_counter() - t0
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+    if status == "interrupted":
+        raise KeyboardInterrupt(run_dir)
+    return run_dir
+
+
+def evaluate(model, spec, c: RunConfig, to_device) -> Optional[float]:
+    """Accuracy on the test/validation set (train-mode BN is switched to eval for it, then back)."""
+    from .data import batches
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for i, batch in enumerate(batches(spec, c.batch_size, c.seed, c.workers, train=False)):
+            if c.eval_batches is not None and i >= c.eval_batches:
+                break
+            x, y = to_device(batch)
+            with torch.autocast(x.device.type, enabled=c.amp,
+                                dtype=torch.float16 if x.device.type == "cuda" else torch.bfloat16):
+                correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+    model.train()
+    return correct / seen if seen else None
+
+
+class GracefulInterrupt:
+    """Ctrl-C ends the run at the next step boundary instead of wherever the signal lands (in the
+    middle of the tracker's processing or of a file write); a second Ctrl-C stops at once."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.requested, self.log, self.previous, self.pid = False, log, None, os.getpid()
+
+    def _handler(self, signum, frame):
+        if self.requested or os.getpid() != self.pid:   # a second Ctrl-C, or a forked DataLoader worker
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nCtrl-C: stopping after this step and writing the run folder (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True, leave=True)
+
+
+# ---- printing --------------------------------------------------------------------------------------
+def format_summary(run_dir: str) -> str:
+    """The end-of-run text: families per kind, max error of exact and paper, overhead, report path."""
+    from .plot import family_layer
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    rows = s["families"]
+    kinds = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    lines = [f"Families found: {len(rows)} ({', '.join(f'{n} {k}' for k, n in kinds.items())})"]
+
+    def num(x):
+        return "  n/a   " if x is None else f"{x:8.1e}"
+
+    near_zero = [r for r in rows if r.get("near_zero")]
+
+    if len(rows) <= 24:
+        width = max(len(r["family"]) for r in rows)
+        lines.append(f"  {'family':<{width}}  {'kind':<11}  {'groups':>6}  exact err  paper err")
+        for r in rows:
+            errors = (f"{num(r['error_exact'])}   {num(r['error_paper'])}" if not r.get("near_zero")
+                      else "  values stay ≈ 0 *")
+            lines.append(f"  {r['family']:<{width}}  {r['kind']:<11}  {r['groups']:>6}  {errors}")
+    else:   # per kind, the worst family
+        lines.append("  (per kind, the worst family; every family is in report.html and summary.json)")
+        for kind in kinds:
+            all_ = [r for r in rows if r["kind"] == kind]
+            sub = [r for r in all_ if not r.get("near_zero")] or all_
+            we = max(sub, key=lambda r: -1 if r["error_exact"] is None else r["error_exact"])
+            wp = max(sub, key=lambda r: -1 if r["error_paper"] is None else r["error_paper"])
+            zero = f", {len(all_) - len(sub)} stay ≈ 0 *" if len(sub) < len(all_) else ""
+            lines.append(f"  {kind:<11} {len(all_):>3} families{zero}: exact err ≤ {num(we['error_exact']).strip()} "
+                         f"({family_layer(we)}), paper err ≤ {num(wp['error_paper']).strip()} ({family_layer(wp)})")
+    lines.append("  (max relative error over steps and groups; exact = THEORY §4 recursions, "
+                 "paper = Eqs. 18-20 / §3(c))")
+    if near_zero:
+        lines.append(f"  * {len(near_zero)} families hold only rounding noise (e.g. conv biases in front of BatchNorm, "
+                     "initialised at 0, have zero gradient): a relative error is meaningless there")
+    o = s["overhead"]
+    text = (f"Tracking overhead: {o['timers']['percent']:.1f} % of training-step time (tracker's own timers, "
+            "including writing the run folder)")
+    d = o.get("direct")
+    if d and "percent" in d:
+        q1, q3 = d.get("percent_quartiles") or (math.nan, math.nan)
+        text += (f"; {d['percent']:+.1f} % measured directly (median of {d['steps']} paired steps with vs "
+                 f"without, quartiles {q1:+.0f} .. {q3:+.0f} %)")
+    lines.append(text)
+    loss = s.get("final_loss")
+    if loss is not None:
+        acc = s.get("test_accuracy")
+        lines.append(f"Loss {s.get('initial_loss', float('nan')):.3f} → {loss:.3f} over {s['steps']} steps; "
+                     f"train accuracy {s['final_train_accuracy']:.1%}"
+                     + (f", test accuracy {acc:.1%}" if acc is not None else ""))
+    lines.append(f"Wall time {s['seconds']['wall']:.0f} s (discovery {s['seconds']['discovery']:.1f} s, "
+                 f"training steps {s['seconds']['training_steps']:.0f} s)")
+    report = os.path.join(run_dir, "report.html")
+    if os.path.exists(report):
+        lines.append(f"Report: {report}")
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser, steps_default: Optional[int]):
+    p.add_argument("--steps", type=int, default=steps_default, help="optimizer steps"
+                   + (f" (default {steps_default})" if steps_default else " (default: the preset's epochs, else 300)"))
+    p.add_argument("--out", metavar="DIR", help="run folder (default ./runs/<command>-<timestamp>)")
+    p.add_argument("--exact", action="store_true",
+                   help="float64 and BatchNorm eps=1e-30: the symmetries hold exactly and the exact prediction "
+                        "agrees to rounding (default float32, where BN eps makes scale symmetries approximate)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and shuffling (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip figures and report.html")
+    p.add_argument("--calibrate-steps", type=int, default=16,
+                   help="steps timed with and without the tracker on copies of the model to measure the "
+                        "overhead directly (default 16; 0 skips)")
+    p.add_argument("--flush-every", type=int, default=25, help="steps per block written to the run folder")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128, or the preset's)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to RUN_DIR/tensorboard (off by default: on a small "
+                        "CPU run they cost more than the tracking itself)")
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``neural-mechanics demo``."""
+    p.description = ("Train a small VGG-style network (conv-BN-ReLU blocks: scale symmetry; ReLU MLP head: "
+                     "rescale; softmax classifier: translation) on built-in generated images with SGD, momentum "
+                     "and weight decay, track its symmetries, and write a run folder with figures and report.html. "
+                     "No download, no GPU needed: 300 steps take one to two minutes on an idle 2-core CPU.")
+    _add_common(p, 300)
+
+
+def demo_main(args) -> int:
+    """``neural-mechanics demo``."""
+    c = RunConfig(command="demo", steps=args.steps, out=args.out, exact=args.exact, seed=args.seed,
+                  device=args.device, progress=args.progress, report=args.report,
+                  calibrate_steps=args.calibrate_steps, flush_every=args.flush_every,
+                  batch_size=args.batch_size or 128, tensorboard=args.tensorboard)
+    return _run(c)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``neural-mechanics train``."""
+    from .models import MODELS
+    p.description = ("Train a model with SGD and track its symmetries; the paper's runs (THEORY.md §8) are "
+                     "presets. Options given explicitly override the preset's.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the paper's Tiny ImageNet runs: "
+                        + "; ".join(f"{k}: {v['model']}, lr {v['lr']}, momentum {v['momentum']}, batch "
+                                    f"{v['batch_size']}, {v['epochs']} epochs, wd {v['weight_decay']}"
+                                    for k, v in PRESETS.items()) + ". Needs --data (Tiny ImageNet)")
+    p.add_argument("--model", help=f"{', '.join(MODELS)} (default demo)")
+    p.add_argument("--data", help="'generated' (default without a preset), a CIFAR-10/100 folder in "
+                                  "torchvision's layout, or an ImageFolder tree (e.g. tiny-imagenet-200)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of generated data (default 10)")
+    p.add_argument("--image-size", type=int, help="input size (generated: 32; folders: their own)")
+    p.add_argument("--train-samples", type=int, default=6144, help="generated data: training images")
+    p.add_argument("--epochs", type=float, help="epochs (ignored when --steps is given)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd"],
+                   help="sgd (torch.optim.SGD; the theory's exact predictions cover it in all its forms)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
+    p.add_argument("--momentum", type=float, help="heavy-ball momentum (default 0.9)")
+    p.add_argument("--dampening", type=float, help="momentum dampening (default 0)")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, help="coupled L2 weight decay on every parameter (default 5e-4)")
+    p.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help="lr schedule (default constant)")
+    p.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs (steps with --steps)")
+    p.add_argument("--gamma", type=float, help="multistep: lr factor at each milestone (default 0.1)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)")
+    p.add_argument("--workers", type=int, help="data-loading processes for folders (default min(4, CPUs))")
+    p.add_argument("--log-every", type=int, help="keep every N-th step in the history (default: ~1000 rows)")
+    p.add_argument("--hook", choices=["optimizer", "backward"], default="optimizer",
+                   help="where the tracker reads the tensors (see SymmetryTracker)")
+    p.add_argument("--eval-batches", type=int, help="evaluate on at most this many test batches")
+    _add_common(p, None)
+
+
+def train_config(args) -> RunConfig:
+    """The RunConfig of ``neural-mechanics train``: the preset, then every option given explicitly."""
+    c = RunConfig(command="train")
+    if args.preset:
+        for k, v in PRESETS[args.preset].items():
+            setattr(c, k, v)
+        c.preset = args.preset
+        if args.data is None:
+            raise ValueError(f"--preset {args.preset} needs --data DIR: {TINY_IMAGENET_HINT} "
+                             "(or --data generated for a smoke test)")
+    explicit = {"model": args.model, "data": args.data, "image_size": args.image_size, "epochs": args.epochs,
+                "lr": args.lr, "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
+                "weight_decay": args.weight_decay, "schedule": args.schedule, "milestones": args.milestones,
+                "gamma": args.gamma, "workers": args.workers, "log_every": args.log_every,
+                "eval_batches": args.eval_batches, "batch_size": args.batch_size}
+    for k, v in explicit.items():
+        if v is not None:
+            setattr(c, k, v)
+    c.steps = args.steps
+    c.num_classes, c.train_samples = args.num_classes, args.train_samples
+    c.amp, c.exact, c.seed, c.device, c.out = args.amp, args.exact, args.seed, args.device, args.out
+    c.progress, c.report, c.hook, c.tensorboard = args.progress, args.report, args.hook, args.tensorboard
+    c.calibrate_steps, c.flush_every = args.calibrate_steps, args.flush_every
+    return c
+
+
+def train_main(args) -> int:
+    """``neural-mechanics train``."""
+    try:
+        c = train_config(args)
+    except ValueError as exc:
+        print(f"neural-mechanics train: error: {exc}", file=sys.stderr)
+        return 2
+    return _run(c)
+
+
+def _run(c: RunConfig) -> int:
+    prog = f"neural-mechanics {c.command}"
+    try:
+        run_dir = run_training(c)
+    except KeyboardInterrupt as exc:
+        run_dir = exc.args[0] if exc.args else None
+        print(f"\n{prog}: interrupted.", file=sys.stderr)
+        if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(format_summary(run_dir))
+            print(f"The run folder {run_dir} holds everything up to the interruption; "
+                  f"`neural-mechanics report {run_dir}` redraws it.", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"{prog}: error: {exc}. The run folder holds the metrics up to that step; "
+              f"`neural-mechanics report DIR` draws them.", file=sys.stderr)
+        return 1
+    print(format_summary(run_dir))
+    return 0
