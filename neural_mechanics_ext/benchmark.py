@@ -789,6 +789,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "memory_gb": _mem_total_gb(),
         "build_info": _backend.build_info(), "git": _git_head(),
+        "package": os.path.dirname(os.path.abspath(_backend.__file__)),
     }
     try:
         info["load_average"] = list(os.getloadavg())
@@ -979,7 +980,7 @@ def goals_table(goals: List[Dict[str, Any]]) -> str:
 
 def machine_lines(meta: Dict[str, Any]) -> str:
     b = meta.get("build_info", {})
-    parts = [f"- date: {meta['date']}; git {meta.get('git') or '?'}",
+    parts = [f"- date: {meta['date']}; git {meta.get('git') or '?'}; package {meta.get('package', '?')}",
              f"- CPU: {meta['cpu']}, {meta['cpu_count']} logical cores, torch threads {meta['torch_threads']}, "
              f"RAM {meta.get('memory_gb')} GB",
              f"- versions: python {meta['python']}, torch {meta['torch']}, numpy {meta.get('numpy', '?')}, "
