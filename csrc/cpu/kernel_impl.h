@@ -1,11 +1,12 @@
 // The CPU item kernel.  Included by kernel_{avx512,avx2,base}.cpp after kernel_prelude.h and after
 // the instruction-set pragma, with NMX_ISA naming the namespace; do not include it anywhere else.
 //
-// An item is a rectangle rows [r0, r1) x cols [c0, c1) of one entry's [R, L] layout (plan.h).  It is
-// read in groups of four rows: per-column sums (COL views) accumulate into a small double array that
-// stays in cache, per-row totals (RUN views) into nine vector registers per row.  Inputs whose dtype
-// is not the compute type (float, or double when any input is double) are first converted into a
-// per-thread scratch row; float and double inputs are read in place.
+// An item is a rectangle rows [r0, r1) x cols [c0, c1) of one entry's [R, L] layout (plan.h).  Items
+// with COL views are read in groups of rows: per-column sums accumulate into a double array that
+// stays in cache, and with AVX-512 the row totals of RUN views come from the same pass (two rows at
+// a time, nine vector registers per row).  RUN-only items are read one whole row at a time, three
+// sequential streams.  Inputs whose dtype is not the compute type (float, or double when any input is
+// double) are first converted into a per-thread scratch row; float and double inputs are read in place.
 
 namespace nmx {
 namespace cpu {
@@ -26,6 +27,7 @@ typedef double dvec __attribute__((vector_size(8 * kLanes)));
 typedef float fvec __attribute__((vector_size(4 * kLanes), aligned(4)));
 constexpr int64_t kSegment = 4096;  // columns converted / reduced at a time in RUN-only entries
 constexpr int kRowGroup = 4;
+constexpr bool kFused = NMX_ISA_LEVEL == 2;  // add_columns_and_two_rows needs 32 vector registers
 
 NMX_INLINE dvec load(const float* p) {
 #if NMX_ISA_LEVEL == 2
@@ -121,8 +123,10 @@ const C* as_compute(const void* src, int dtype, int64_t offset, int64_t n, C* sc
 }
 
 // ---- the two reductions ----------------------------------------------------------------------------
+// Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
+// its AVX-512 register saves) cost three times the work on narrow tensors.
 template <bool HY, bool HZ, typename C>
-void add_row_total(const C* x, const C* y, const C* z, int64_t n, Moments<double>& out) {
+NMX_INLINE void add_row_total(const C* x, const C* y, const C* z, int64_t n, Moments<double>& out) {
   Moments<dvec> a;
   zero(a);
   int64_t i = 0;
@@ -144,7 +148,7 @@ NMX_INLINE int64_t colsum_index(int64_t c, int m) {
 
 // Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
 template <int NR, bool HY, bool HZ, typename C>
-void add_column_sums(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n) {
+NMX_INLINE void add_column_sums(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
     double* block = acc + colsum_index(c, 0);
@@ -164,6 +168,46 @@ void add_column_sums(double* acc, const C* const* x, const C* const* y, const C*
   }
 }
 
+// Items with both COL and RUN views, two rows at a time in one pass: the column sums (in memory) and
+// the two rows' totals (in registers) take their terms from the same loads and conversions.  The
+// additions happen in the same order as add_column_sums + add_row_total would do them, so the
+// result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
+template <bool HY, bool HZ, typename C>
+NMX_INLINE void add_columns_and_two_rows(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n,
+                              Moments<double>& out0, Moments<double>& out1) {
+  Moments<dvec> r0, r1;
+  zero(r0);
+  zero(r1);
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    double* block = acc + colsum_index(c, 0);
+    Moments<dvec> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
+    const dvec x0 = load(x[0] + c), y0 = HY ? load(y[0] + c) : dvec{}, z0 = HZ ? load(z[0] + c) : dvec{};
+    accumulate<HY, HZ>(a, x0, y0, z0);
+    accumulate<HY, HZ>(r0, x0, y0, z0);
+    const dvec x1 = load(x[1] + c), y1 = HY ? load(y[1] + c) : dvec{}, z1 = HZ ? load(z[1] + c) : dvec{};
+    accumulate<HY, HZ>(a, x1, y1, z1);
+    accumulate<HY, HZ>(r1, x1, y1, z1);
+    for (int m = 0; m < kMoments; ++m)
+      if (moment_used<HY, HZ>(m)) store(block + m * kLanes, a.m[m]);
+  }
+  Moments<double> t0, t1;
+  for (int m = 0; m < kMoments; ++m) t0.m[m] = hsum(r0.m[m]), t1.m[m] = hsum(r1.m[m]);
+  for (; c < n; ++c) {
+    Moments<double> a;
+    for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
+    for (int q = 0; q < 2; ++q) {
+      const double xv = double(x[q][c]), yv = HY ? double(y[q][c]) : 0.0, zv = HZ ? double(z[q][c]) : 0.0;
+      accumulate<HY, HZ>(a, xv, yv, zv);
+      accumulate<HY, HZ>(q == 0 ? t0 : t1, xv, yv, zv);
+    }
+    for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
+  }
+  add_to(out0, t0);
+  add_to(out1, t1);
+}
+
 template <bool HY, bool HZ, typename C>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   static thread_local std::vector<double> colsum;
@@ -180,9 +224,17 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     rowtot.assign(rows, z0);
   }
   scratch.resize(3 * kRowGroup * segment);
+  // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
+  // __tls_get_addr, which the compiler does not hoist out of the loops.
+  double* const cs = colsum.data();
+  Moments<double>* const rt = rowtot.data() - it.r0;  // indexed by row
+  C* const sc0 = scratch.data();
 
-  for (int64_t r = it.r0; r < it.r1; r += kRowGroup) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRowGroup, it.r1 - r));
+  // RUN-only items with long rows read one row at a time: three long sequential streams, which the
+  // prefetchers follow (four rows at once interleave twelve).  Short rows are contiguous anyway.
+  const int group = e.has_col || L < 1024 ? kRowGroup : 1;
+  for (int64_t r = it.r0; r < it.r1; r += group) {
+    const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
       const int64_t n = std::min(segment, it.c1 - s0);
       const C* xp[kRowGroup];
@@ -190,21 +242,32 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       const C* zp[kRowGroup] = {};
       for (int q = 0; q < nr; ++q) {
         const int64_t off = (r + q) * L + s0;
-        C* sc = scratch.data() + 3 * q * segment;
+        C* sc = sc0 + 3 * q * segment;
         xp[q] = as_compute(tp.x, tp.dx, off, n, sc);
         if (HY) yp[q] = as_compute(tp.y, tp.dy, off, n, sc + segment);
         if (HZ) zp[q] = as_compute(tp.z, tp.dz, off, n, sc + 2 * segment);
       }
+      if (kFused && e.has_col && e.has_run) {
+        // One pass for both kinds (single segment, column sums from c0), rows in pairs.
+        int q = 0;
+        for (; q + 2 <= nr; q += 2)
+          add_columns_and_two_rows<HY, HZ>(cs, xp + q, yp + q, zp + q, n, rt[r + q], rt[r + q + 1]);
+        for (; q < nr; ++q) {
+          add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n);
+          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q]);
+        }
+        continue;
+      }
       if (e.has_col) {
         // Items with COL views have a single segment, so the column sums start at column c0.
         if (nr == kRowGroup) {
-          add_column_sums<kRowGroup, HY, HZ>(colsum.data(), xp, yp, zp, n);
+          add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n);
         } else {
-          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(colsum.data(), xp + q, yp + q, zp + q, n);
+          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n);
         }
       }
       if (e.has_run)
-        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rowtot[r + q - it.r0]);
+        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q]);
     }
   }
 
@@ -220,13 +283,13 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       const int64_t k_start = (it.r0 / v.period) % v.K;
       for (int64_t r = it.r0; r < it.r1; ++r) {
         const int64_t idx = ((r / v.period) % v.K - k_start + v.K) % v.K;
-        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += rowtot[r - it.r0].m[m];
+        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += rt[r].m[m];
       }
     } else {
       const int64_t k0 = it.c0 / v.B;
       for (int64_t c = it.c0; c < it.c1; ++c) {
         const int64_t idx = c / v.B - k0;
-        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += colsum[colsum_index(c - it.c0, m)];
+        for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += cs[colsum_index(c - it.c0, m)];
       }
     }
     base += slots_in_item(v, it.r0, it.r1, it.c0, it.c1) * kMoments;

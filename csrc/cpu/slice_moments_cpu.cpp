@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "../moments.h"
 #include "../ops.h"
 #include "../plan.h"
@@ -13,10 +15,13 @@ namespace nmx {
 at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
                              at::IntArrayRef views) {
   Call call = prepare_call(xs, ys, zs, views);
-  // Items of about a million elements (a few MB: a thread's share of the L2/L3 traffic stays simple);
-  // 1024-column items with COL views keep the per-column sums (72 KB) in L2.
-  static const PlanConfig config{/*col_width=*/1024, /*run_width=*/int64_t(1) << 20,
-                                 /*item_elems=*/int64_t(1) << 20, /*col_min_rows=*/4};
+  // Items of about a million elements, whole rows wide: reading rows from start to end keeps a few
+  // long sequential streams that the hardware prefetchers follow (narrow tiles, 4 KB of a row then a
+  // jump to the next row, ran at half the memory bandwidth).  Items with COL views keep 72 bytes of
+  // column sums per column and write that many per column as slots, so they are at least 256 rows
+  // tall (slots under 3% of the bytes read).
+  static const PlanConfig config{/*col_width=*/int64_t(1) << 16, /*run_width=*/int64_t(1) << 20,
+                                 /*item_elems=*/int64_t(1) << 20, /*col_min_rows=*/256};
   std::shared_ptr<const Plan> plan = get_plan(call.numels, call.views, config);
   const Plan& p = *plan;
 
@@ -26,14 +31,20 @@ at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, co
   const int64_t num_items = static_cast<int64_t>(p.items.size());
   const cpu::TensorPtrs* tensors = call.tensors.data();
 #ifdef _OPENMP
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_items));
+  // A thread per half a million elements at most: a parallel region costs microseconds on an idle
+  // machine but a scheduler time slice (milliseconds) when another process holds a core, which
+  // small calls (a small model, one bucket of the backward hook) must not pay.
+  int64_t work = 0;
+  for (int64_t n : call.numels) work += n;
+  const int threads = static_cast<int>(
+      std::min<int64_t>({int64_t(at::get_num_threads()), num_items, std::max<int64_t>(1, work >> 19)}));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
 #endif
   for (int64_t i = 0; i < num_items; ++i) kernel(p, i, tensors, slot_data);
 
   at::Tensor out = at::empty({p.num_rows, kMoments}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  at::parallel_for(0, p.num_rows, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_rows, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       double acc[kMoments] = {};
       for (int64_t s = p.row_ptr[r]; s < p.row_ptr[r + 1]; ++s)
