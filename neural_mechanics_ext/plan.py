@@ -6,11 +6,13 @@ gather + signed scatter-add over the small ``[slices, 9]`` result.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .ops import slice_moments
+from . import _backend
 
 if TYPE_CHECKING:  # symmetry/ imports this module (to prove families): no import at run time
     from .symmetry.family import SymmetryFamily
@@ -69,26 +71,30 @@ class MomentPlan:
         self.num_slices = row
         self.first_row.append(row)
 
-        # Group g sums its member slices: a padded [groups, max_members] gather (padding points at an
-        # extra zero row) keeps the reduction deterministic on every device, unlike a scatter-add.
-        per_group: List[List[Tuple[int, float]]] = []
-        counts, self.offsets = [], []
+        # Group g sums its member slices (a ragged bag of rows): embedding_bag adds each bag in order,
+        # which is deterministic on every device, unlike a scatter-add, and one call per sign pattern.
+        rows, signs, offsets, counts, self.offsets = [], [], [], [], []
         for f, ms in zip(self.families, members):
-            self.offsets.append(len(per_group))
+            self.offsets.append(len(offsets))
             for k in range(f.num_groups):
-                per_group.append([(row_of[(t, v)] + k, float(s)) for t, v, s in ms])
+                offsets.append(len(rows))
+                rows += [row_of[(t, v)] + k for t, v, _ in ms]
+                signs += [float(s) for _, _, s in ms]
                 counts.append(float(sum(v[0] * v[2] for _, v, _ in ms)))
-        self.num_groups = len(per_group)
-        width = max(len(g) for g in per_group)
-        pad = (self.num_slices, 0.0)
-        table = [g + [pad] * (width - len(g)) for g in per_group]
+        self.num_groups = len(offsets)
         self.counts = torch.tensor(counts, dtype=torch.float64)
-        self._rows = torch.tensor([[r for r, _ in g] for g in table], dtype=torch.long)
-        self._sign = torch.tensor([[s for _, s in g] for g in table], dtype=torch.float64)[..., None]
+        self._rows = torch.tensor(rows, dtype=torch.long)
+        self._bags = torch.tensor(offsets, dtype=torch.long)
+        self._sign = torch.tensor(signs, dtype=torch.float64)
+
+    @functools.cached_property
+    def _tables(self) -> "_ViewTables":
+        return _ViewTables(self.views)
 
     def to(self, device: torch.device) -> "MomentPlan":
         """Move the small index tensors to ``device`` (done once, next to the parameters)."""
-        self._rows, self._sign, self.counts = (t.to(device) for t in (self._rows, self._sign, self.counts))
+        self._rows, self._bags, self._sign, self.counts = (
+            t.to(device) for t in (self._rows, self._bags, self._sign, self.counts))
         return self
 
     def slice_moments(self, grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -98,19 +104,43 @@ class MomentPlan:
 
         ``tensors`` restricts it to a range of the plan's tensors (then ``grads``/``buffers`` hold that
         range's entries); the result is rows ``first_row[start] : first_row[stop]`` of the full one."""
-        if tensors is None:
-            return slice_moments(self.params, self.views, grads, buffers)
-        return slice_moments(self.params[tensors.start:tensors.stop], self.views[tensors.start:tensors.stop],
-                             grads, buffers)
+        tensors = tensors or range(len(self.params))
+        # The plan checked every view against its parameter when it was built, and gradients and
+        # momentum buffers have their parameter's shape: call the op directly (the public wrapper's
+        # checks cost more than the kernel on a small model).  The op still guards shapes and devices.
+        return _backend.ops.slice_moments([p.detach() for p in self.params[tensors.start:tensors.stop]],
+                                          list(grads or []), list(buffers or []), self._tables[tensors])
 
     def group_moments(self, S: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-group moments ``[groups, 9]``: signed (rescale's outgoing side counts −1) and unsigned."""
+        """Per-group moments ``[groups, 9]``: signed (rescale's outgoing side counts −1) and unsigned.
+
+        ``S`` may also stack T steps' results, ``[T * slices, 9]``; the groups then come ``[T * groups, 9]``."""
         if self._rows.device != S.device:
             self.to(S.device)
-        padded = torch.cat([S, S.new_zeros((1, S.shape[1]))])
-        picked = padded[self._rows]                      # [groups, max_members, 9]
-        return (picked * self._sign).sum(1), picked.sum(1)
+        steps = S.shape[0] // self.num_slices
+        rows, bags, sign = self._rows, self._bags, self._sign
+        if steps != 1:  # the same bags, shifted to each step's rows
+            t = torch.arange(steps, device=S.device)[:, None]
+            rows = (rows[None] + t * self.num_slices).reshape(-1)
+            bags = (bags[None] + t * len(self._rows)).reshape(-1)
+            sign = sign.repeat(steps)
+        signed = F.embedding_bag(rows, S, bags, mode="sum", per_sample_weights=sign)
+        return signed, F.embedding_bag(rows, S, bags, mode="sum")
 
     def split(self, G: torch.Tensor) -> List[torch.Tensor]:
         """Cut a ``[groups, ...]`` tensor into one piece per family (views, no copies)."""
         return [G[o:o + f.num_groups] for o, f in zip(self.offsets, self.families)]
+
+
+class _ViewTables:
+    """The op's flat (tensor, A, K, B) table for a contiguous range of the plan's tensors, cached."""
+
+    def __init__(self, views: List[List[Tuple[int, int, int]]]):
+        self.views = views
+        self.cache: Dict[Tuple[int, int], List[int]] = {}
+
+    def __getitem__(self, r: range) -> List[int]:
+        key = (r.start, r.stop)
+        if key not in self.cache:
+            self.cache[key] = [x for i, t in enumerate(range(r.start, r.stop)) for v in self.views[t] for x in (i, *v)]
+        return self.cache[key]

@@ -2,11 +2,11 @@
 
 Step path (every optimizer step, no host synchronisation):
     optimizer step pre-hook → one fused ``slice_moments`` pass over (θ, g, v) of every tracked tensor
-    → per-group moments [groups, 9] (+ two unsigned columns) → a row of a device ring buffer.
+    → its per-slice moments [slices, 9] → a row of a device ring buffer.
 Every ``flush_every`` steps the block is copied to the host asynchronously; it is processed there (the
-float64 integrators of ``theory``, residuals, derived quantities) when the next block arrives or when
-``history()``/``summary()``/``close()`` ask.  Memory is O(groups × flush_every) on the device and
-O(groups × logged steps) on the host; nothing parameter-sized is kept.
+per-group sums, the float64 integrators of ``theory``, residuals, derived quantities) when the next
+block arrives or when ``history()``/``summary()``/``close()`` ask.  Memory is O(slices × flush_every)
+on the device and O(groups × logged steps) on the host; nothing parameter-sized is kept.
 
 The hook sees the gradient the optimizer uses (after clipping, AMP unscaling, DDP all-reduce, gradient
 accumulation), the momentum buffer before the update, and each param group's current settings, so
@@ -33,10 +33,9 @@ from .symmetry.residual import constraint_residual
 from .theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
 
 COL = {name: i for i, name in enumerate(MOMENTS)}
-# Ring-buffer columns: the nine signed moments, then unsigned |θ_A|² and |g_A|² (the magnitudes of
-# rescale groups and the norms of the residual, which the signed sums cannot give).
+# Columns of a block's group moments: the nine signed moments, then unsigned |θ_A|² and |g_A|² (the
+# magnitudes of rescale groups and the norms of the residual, which the signed sums cannot give).
 UNSIGNED_XX, UNSIGNED_YY = 9, 10
-WIDTH = 11
 PREDICTIONS = ("exact", "paper", "modified")
 
 
@@ -137,7 +136,6 @@ class SymmetryTracker:
         if len(devices) != 1:
             raise ValueError(f"SymmetryTracker: tracked parameters are on several devices {sorted(map(str, devices))}")
         self.device = devices.pop()
-        self.plan.to(self.device)
         from .distributed import ShardedMoments, is_dtensor
         self._sharded = ShardedMoments(self.plan) if any(is_dtensor(p) for p in self.plan.params) else None
         if self._sharded is not None and (hook == "backward" or ranks == "rank0"):
@@ -152,9 +150,8 @@ class SymmetryTracker:
             for b in self._batches:
                 b.invalid = self.theory_reason
 
-        G = self.plan.num_groups
-        self._ring = [torch.empty((self.flush_every, G, WIDTH), dtype=torch.float64, device=self.device)
-                      for _ in range(2 if self.device.type == "cuda" else 1)]
+        self._ring = [torch.empty((self.flush_every, self.plan.num_slices, 9), dtype=torch.float64,
+                                  device=self.device) for _ in range(2 if self.device.type == "cuda" else 1)]
         self._ring_index, self._fill = 0, 0
         self._block_hypers: List[dict] = []
         self._pending: Optional[Tuple[torch.Tensor, List[dict], Any]] = None
@@ -235,10 +232,7 @@ class SymmetryTracker:
             S = self._gather_buckets(grads)
         else:
             S = self.plan.slice_moments(grads, buffers)
-        signed, unsigned = self.plan.group_moments(S)
-        row = self._ring[self._ring_index][self._fill]
-        row[:, :9].copy_(signed)
-        row[:, 9:].copy_(unsigned[:, 3:5])
+        self._ring[self._ring_index][self._fill].copy_(S)  # the per-group sums wait for the flush
         self._block_hypers.append({
             "groups": [_read_hyper(g) for g in optimizer.param_groups],
             "no_grad": {i for i, g in enumerate(grads) if g is None},
@@ -378,37 +372,50 @@ class SymmetryTracker:
         """Integrate the predictions over one block of steps; returns the block's columns for _commit."""
         start = time.perf_counter()
         T, G = len(hypers), self.plan.num_groups
-        M = block[:T].to(torch.float64)
+        signed, unsigned = self.plan.group_moments(block[:T].reshape(-1, 9))
+        M = torch.cat([signed.view(T, G, 9), unsigned.view(T, G, 9)[:, :, 3:5]], dim=2)
         preds = {name: torch.full((T, G), float("nan"), dtype=torch.float64) for name in PREDICTIONS}
         angular = torch.full((T, G), float("nan"), dtype=torch.float64)
         lr = torch.zeros((T, G), dtype=torch.float64)
         elapsed = torch.zeros((T, G), dtype=torch.float64)
-        for t, rec in enumerate(hypers):
-            k = self._processed + t
-            for b in self._batches:
+        for b in self._batches:
+            # Everything that does not recurse is done for the whole block at once; only the
+            # integrators step through it.
+            Mb = M[:, b.groups, :9]
+            finite = torch.isfinite(Mb).flatten(1).all(1).tolist()
+            hps, times, clock = [], [], self._time[b.param_groups[0]]
+            out = {name: [] for name in PREDICTIONS}
+            for t, rec in enumerate(hypers):
                 hp, problem = self._step_hyper(b, rec)
-                Mb = M[t, b.groups, :9]
-                if problem is None and not bool(torch.isfinite(Mb).all()):
+                if problem is None and not finite[t]:
                     problem = "non-finite parameters, gradients or momentum buffers"
+                hps.append(hp)
+                times.append(clock)
+                clock += float(hp.lr)
                 if not b.integrators:
-                    b.integrators = {"exact": ExactIntegrator(b.kind, Mb),
-                                     "paper": PaperIntegrator(b.kind, Mb, "paper"),
-                                     "modified": PaperIntegrator(b.kind, Mb, "modified")}
+                    b.integrators = {"exact": ExactIntegrator(b.kind, Mb[t]),
+                                     "paper": PaperIntegrator(b.kind, Mb[t], "paper"),
+                                     "modified": PaperIntegrator(b.kind, Mb[t], "modified")}
                 # The prediction of step k rests on steps before k; a failed assumption at step k
                 # ends the predictions from step k + 1 on.
                 if b.invalid is None:
                     for name, integ in b.integrators.items():
                         if name == "exact" or not integ.unsupported:
-                            preds[name][t, b.groups] = integ.prediction()
+                            out[name].append((t, integ.prediction()))
                     if problem:
-                        b.invalid, b.invalid_step = problem, k
+                        b.invalid, b.invalid_step = problem, self._processed + t
                     else:
                         for integ in b.integrators.values():
-                            integ.advance(hp, Mb)
-                if b.kind == "scale":
-                    angular[t, b.groups] = angular_update(Mb, hp)
-                lr[t, b.groups] = float(hp.lr)
-                elapsed[t, b.groups] = self._time[b.param_groups[0]]
+                            integ.advance(hp, Mb[t])
+            for name, rows in out.items():
+                if rows:
+                    steps_with = torch.tensor([t for t, _ in rows])
+                    preds[name][steps_with[:, None], b.groups] = torch.stack([v for _, v in rows])
+            if b.kind == "scale":
+                angular[:, b.groups] = self._angular(Mb, hps)
+            lr[:, b.groups] = torch.tensor([float(hp.lr) for hp in hps], dtype=torch.float64)[:, None]
+            elapsed[:, b.groups] = torch.tensor(times, dtype=torch.float64)[:, None]
+        for rec in hypers:
             for i, h in enumerate(rec["groups"]):
                 self._time[i] += float(h["lr"])
         steps = torch.arange(self._processed, self._processed + T)
@@ -436,6 +443,18 @@ class SymmetryTracker:
         self.timing["process_seconds"] += time.perf_counter() - start
         return {"steps": steps, "columns": columns, "stats": stats}
 
+    @staticmethod
+    def _angular(Mb: torch.Tensor, hps: List[StepHyper]) -> torch.Tensor:
+        """angular_update over a block, one call per run of steps with the same settings."""
+        out, t = torch.empty(Mb.shape[:2], dtype=torch.float64), 0
+        while t < len(hps):
+            u = t + 1
+            while u < len(hps) and hps[u] == hps[t]:
+                u += 1
+            out[t:u] = angular_update(Mb[t:u].reshape(-1, 9), hps[t]).view(u - t, -1)
+            t = u
+        return out
+
     def _family_max(self, v: torch.Tensor) -> List[float]:
         """Max over steps and groups of each family, ignoring non-finite values (-inf when none)."""
         per_group = torch.where(torch.isfinite(v), v, float("-inf")).amax(0)
@@ -447,11 +466,24 @@ class SymmetryTracker:
         start = time.perf_counter()
         steps, columns, stats = block["steps"], block["columns"], block["stats"]
         logged = (steps % self.log_every) == 0
+        # The logged rows of every group, converted once; families take views of their groups.
+        cols = {name: v[logged].numpy() for name, v in columns.items()}
+        starts = np.asarray(self._offsets)
+        sums = {p: np.add.reduceat(cols[p], starts, axis=1) if len(cols[p]) else np.zeros((0, len(starts)))
+                for p in ("empirical",) + PREDICTIONS}
+        worst = np.maximum.reduceat(cols["residual"], starts, axis=1) if len(cols["residual"]) else sums["empirical"]
         new_rows = {}
         for fi, f in enumerate(self.families):
             sl = slice(self._offsets[fi], self._offsets[fi] + f.num_groups)
-            new_rows[f.name] = self._history[f.name].add(
-                steps, logged, {c: v[:, sl] for c, v in columns.items()}, {k: v[fi] for k, v in stats.items()})
+            rows = {"step": steps[logged].numpy(), "t": cols["t"][:, sl.start], "lr": cols["lr"][:, sl.start]}
+            for name, v in cols.items():
+                if name not in ("t", "lr") and (f.kind == "scale" or name not in _FamilyHistory.SCALE_ONLY):
+                    rows[name] = v[:, sl]
+            rows["residual"] = worst[:, fi]
+            for p, v in sums.items():
+                rows[f"{p}_sum"] = v[:, fi]
+            new_rows[f.name] = rows
+            self._history[f.name].add(len(steps), rows, {k: v[fi] for k, v in stats.items()})
         self.timing["process_seconds"] += time.perf_counter() - start
         start = time.perf_counter()
         for sink in self.sinks:
@@ -612,26 +644,16 @@ class _FamilyHistory:
         self.max_magnitude = 0.0
         self.max_residual = 0.0
 
-    def add(self, steps: torch.Tensor, logged: torch.Tensor, cols: Dict[str, torch.Tensor],
-            stats: Dict[str, float]) -> Dict[str, np.ndarray]:
-        """Keep the logged rows of a block; ``stats`` are the block's maxima over all its steps."""
-        self.steps += len(steps)
+    def add(self, steps: int, rows: Dict[str, np.ndarray], stats: Dict[str, float]) -> None:
+        """Keep a block's logged rows; ``stats`` are the block's maxima over all its ``steps`` steps."""
+        self.steps += steps
         self.max_magnitude = max(self.max_magnitude, stats["magnitude"])
         self.max_residual = max(self.max_residual, stats["residual"])
         for p in PREDICTIONS:
             if stats[f"predicted_{p}"] > 0:
                 self.predicted[p] = True
                 self.max_abs_error[p] = max(self.max_abs_error[p], stats[f"error_{p}"])
-        rows = {"step": steps[logged].numpy(), "t": cols["t"][logged, 0].numpy(), "lr": cols["lr"][logged, 0].numpy()}
-        for name, v in cols.items():
-            if name in ("t", "lr") or (name in self.SCALE_ONLY and self.family.kind != "scale"):
-                continue
-            rows[name] = v[logged].numpy()
-        rows["residual"] = cols["residual"][logged].amax(1).numpy() if logged.any() else np.zeros(0)
-        for p in ("empirical",) + PREDICTIONS:
-            rows[f"{p}_sum"] = cols[p][logged].sum(1).numpy()
         self.blocks.append(rows)
-        return rows
 
     def state_dict(self) -> Dict[str, Any]:
         return {"arrays": self.arrays(), "steps": self.steps, "max_abs_error": dict(self.max_abs_error),
