@@ -6,8 +6,9 @@
 #   bash bench/gpu_check.sh                # from the repository root (or anywhere: it cds there)
 #
 # Environment (all optional):
-#   OUT                 folder for logs, results.json, results.md, scaling.png and an updated RESULTS.md
-#                       (default: ./gpu-check-out); everything worth keeping lands there
+#   OUT                 folder for gpu_check.log (every phase's output), RESULTS.md (updated) and
+#                       bench/{results.json,results.md,scaling.png} (default: ./gpu-check-out); five files,
+#                       since the device tool brings back at most eight
 #   PYTHON              interpreter (default: python3, else python)
 #   NMX_TOTAL_BUDGET    seconds for the whole script (default 450 = 7.5 min); phases get what is left
 #   NMX_BENCH_ARGS      extra arguments for the bench command (e.g. "--parts moments,tracker")
@@ -24,6 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)   # one log per phase while running; all of them end up in $OUT/gpu_check.log
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 TOTAL=${NMX_TOTAL_BUDGET:-450}
 DRY=${NMX_GPU_CHECK_DRY:-0}
@@ -39,7 +41,7 @@ STATUS=0
 log() { echo "[$(date -u +%H:%M:%S) +$((SECONDS - START))s] $*"; }
 left() { echo $((TOTAL - (SECONDS - START))); }
 
-# run_phase NAME LIMIT CMD...: run with a hard time limit, output to $OUT/NAME.log; tail it on failure.
+# run_phase NAME LIMIT CMD...: run with a hard time limit, output to $LOGS/NAME.log; tail it on failure.
 run_phase() {
   local name=$1 limit=$2
   shift 2
@@ -48,14 +50,14 @@ run_phase() {
     return 124
   fi
   log "== $name (limit ${limit}s): $*"
-  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   if [ $rc -eq 0 ]; then
     log "   $name ok"
   else
     [ $rc -eq 124 ] && log "   $name TIMED OUT after ${limit}s" || log "   $name FAILED (exit $rc)"
-    echo "----- last lines of $OUT/$name.log -----"
-    tail -n 30 "$OUT/$name.log"
+    echo "----- last lines of the $name log -----"
+    tail -n 30 "$LOGS/$name.log"
     echo "-----------------------------------------"
   fi
   return $rc
@@ -69,7 +71,7 @@ log "neural-mechanics-ext GPU check in $ROOT; logs in $OUT; budget ${TOTAL}s"
     --format=csv 2>&1 || echo "nvidia-smi not available"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc not on PATH (setup.py also looks in CUDA_HOME, /usr/local/cuda)"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), 'devices', torch.cuda.device_count())"
-} 2>&1 | tee "$OUT/environment.txt"
+} 2>&1 | tee "$LOGS/environment.log"
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || true)
@@ -84,9 +86,10 @@ if [ "$DRY" = 1 ] && ls neural_mechanics_ext/_C*.so >/dev/null 2>&1; then
   log "== build: DRY run, keeping $(ls neural_mechanics_ext/_C*.so)"
 elif ! run_phase build "$LIMIT" "$PY" setup.py build_ext --inplace; then
   log "build failed: nothing to measure"
+  cat "$LOGS"/*.log > "$OUT/gpu_check.log"
   exit 1
 fi
-NMX_DEVICE=$DEVICE "$PY" - <<'EOF' 2>&1 | tee "$OUT/build_info.txt"
+NMX_DEVICE=$DEVICE "$PY" - <<'EOF' 2>&1 | tee "$LOGS/build_info.log"
 import os
 import sys
 import neural_mechanics_ext as nmx
@@ -98,6 +101,7 @@ if not info.get("compiled") or (os.environ["NMX_DEVICE"] == "cuda" and not info.
     sys.exit(3)
 EOF
 if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  cat "$LOGS"/*.log > "$OUT/gpu_check.log"
   log "the build has no CUDA kernels: stopping"
   exit 1
 fi
@@ -106,14 +110,14 @@ fi
 LIMIT=$(( $(left) - 240 ))          # keep about 4 minutes for the profile and the benchmarks
 LIMIT=$(( LIMIT > 120 ? 120 : LIMIT ))
 run_phase tests "$LIMIT" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -o addopts="" || STATUS=$?
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 3
 
 # ---- 3. GB/s of each kernel path on 200 MB tensors (rows, columns, both, bf16 g) against copy -------
 if [ "$DEVICE" = cuda ]; then
   LIMIT=$(( $(left) - 200 ))
   LIMIT=$(( LIMIT > 45 ? 45 : LIMIT ))
   run_phase profile "$LIMIT" "$PY" bench/profile_moments.py --device cuda --paths-only --rounds 5 &&
-    grep -E "GB/s|fixed cost" "$OUT/profile.log"
+    grep -E "GB/s|fixed cost" "$LOGS/profile.log"
 fi
 
 # ---- 4. benchmarks --------------------------------------------------------------------------------
@@ -138,6 +142,9 @@ else
   log "no results.json was written"
 fi
 echo
+for f in environment build_info build tests profile bench; do
+  [ -f "$LOGS/$f.log" ] && { echo "===== $f ====="; cat "$LOGS/$f.log"; }
+done > "$OUT/gpu_check.log"
 log "done (tests/bench status $STATUS); files in $OUT:"
 ls -la "$OUT" "$OUT/bench" 2>/dev/null | sed 's/^/   /'
 exit 0

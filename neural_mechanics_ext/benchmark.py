@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import re
 import subprocess
 import sys
@@ -684,10 +685,11 @@ def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, b
                      warmup_steps: int, flush_every: int, variants: Sequence[str] = TRACKER_VARIANTS,
                      deadline: Optional[Deadline] = None, log: Callable[[str], None] = lambda s: None
                      ) -> Dict[str, Any]:
-    """Training-step time of each variant, each on its own copy of the model, interleaved in blocks of
-    ``block_steps`` steps (one round = one block of every variant, order rotated per round).  With
-    ``block_steps`` a multiple of ``flush_every`` and warm-up likewise, each block holds the same number
-    of tracker flushes, so the flush cost is counted, not hidden by the median."""
+    """Training-step time of each variant on ONE model and optimizer (separate copies differ by a few
+    percent in speed by themselves: memory placement), interleaved in blocks of ``block_steps`` steps
+    (one round = one block of every variant, order rotated per round).  Each block attaches its
+    variant's tracker before the clock starts and includes the tracker's ``sync()`` (processing every
+    step of the block on the host) before it stops, so no processing escapes the measurement."""
     from .tracker import SymmetryTracker
 
     families = workload.families
@@ -700,75 +702,74 @@ def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, b
         setup["find_symmetries_s"] = time.perf_counter() - start
         del base
         log(f"    find_symmetries: {len(families)} families in {setup['find_symmetries_s']:.1f} s")
-    runs = {}
-    for v in variants:
-        model = workload.make_model()
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum,
-                              weight_decay=workload.weight_decay)
-        tracker = None
-        if v == "naive":
-            tracker = NaiveTracker(model, opt, families)
-        elif v.startswith("ours-"):
-            tracker = SymmetryTracker(model, opt, families=families, hook=v.split("-", 1)[1],
-                                      flush_every=flush_every)
-        runs[v] = (model, opt, tracker)
+    model = workload.make_model()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum,
+                          weight_decay=workload.weight_decay)
 
-    def step(model, opt):
+    def attach(v):
+        if v == "naive":
+            return NaiveTracker(model, opt, families)
+        if v.startswith("ours-"):
+            return SymmetryTracker(model, opt, families=families, hook=v.split("-", 1)[1], flush_every=flush_every)
+        return None
+
+    def step():
         opt.zero_grad(set_to_none=True)
         loss = workload.loss_fn(model(workload.inputs), workload.targets)
         loss.backward()
         opt.step()
 
+    own: Dict[str, List[float]] = {v: [] for v in variants}
+
     def block(v, steps):
-        model, opt, _ = runs[v]
+        tracker = attach(v)
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            step(model, opt)
+            step()
+        if isinstance(tracker, SymmetryTracker):
+            tracker.sync()
         sync(device)
-        return (time.perf_counter() - start) / steps
+        elapsed = (time.perf_counter() - start) / steps
+        if isinstance(tracker, SymmetryTracker):
+            own[v].append((tracker.timing["hook_seconds"] / steps, tracker.timing["process_seconds"] / steps))
+        if tracker is not None:
+            tracker.close()
+        return elapsed
 
     for v in variants:
         block(v, warmup_steps)
-        tr = runs[v][2]
-        if isinstance(tr, SymmetryTracker):
-            tr.timing.update(hook_seconds=0.0, process_seconds=0.0)
+    for v in variants:
+        own[v].clear()
     times: Dict[str, List[float]] = {v: [] for v in variants}
-    steps_timed = 0
     for r in range(rounds):
         if deadline is not None and deadline.passed() and r >= 2:
             break
         order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
         for v in order:
             times[v].append(block(v, block_steps))
-        steps_timed += block_steps
     rec: Dict[str, Any] = {"workload": workload.name, "note": workload.note, "device": str(device),
                            "rounds": len(times[variants[0]]), "block_steps": block_steps,
                            "warmup_steps": warmup_steps, "flush_every": flush_every,
                            "families": len(families), "groups": sum(f.num_groups for f in families),
-                           "tracked_params": _tracked_params(runs[variants[0]][0], families), **setup,
+                           "tracked_params": _tracked_params(model, families), **setup,
                            "variants": {}}
     for v in variants:
         entry = {"step_ms": {k: (x * 1e3 if k != "n" else x) for k, x in quantiles(times[v]).items()}}
         if v != "none" and "none" in times:
             ratio = paired_ratios(times[v], times["none"])
             entry["overhead"] = {k: (x - 1 if k != "n" else x) for k, x in ratio.items()}
-        tr = runs[v][2]
-        if isinstance(tr, SymmetryTracker):
-            steps = max(1, steps_timed)
-            entry["hook_ms_per_step"] = tr.timing["hook_seconds"] / steps * 1e3
-            entry["process_ms_per_step"] = tr.timing["process_seconds"] / steps * 1e3
+        if own[v]:
+            # The tracker's own host time (hook + processing) as a share of a plain step: immune to the
+            # step-time noise of a busy machine, blind to indirect costs (caches, GPU time not waited for).
+            entry["hook_ms_per_step"] = statistics.median(h for h, _ in own[v]) * 1e3
+            entry["process_ms_per_step"] = statistics.median(p for _, p in own[v]) * 1e3
             if "none" in times:
-                # The tracker's own host time as a share of a plain step: immune to the step-time noise
-                # of a busy machine, blind to indirect costs (caches, GPU time not waited for).
-                own = entry["hook_ms_per_step"] + entry["process_ms_per_step"]
-                entry["own_share"] = own / (quantiles(times["none"])["median"] * 1e3)
+                total = statistics.median(h + p for h, p in own[v])
+                entry["own_share"] = total / quantiles(times["none"])["median"]
         rec["variants"][v] = entry
-    for _, _, tr in runs.values():
-        if tr is not None:
-            tr.close()
-    del runs
+    del model, opt
     gc.collect()
     return rec
 
@@ -869,11 +870,11 @@ def evaluate_goals(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                 where = f"{c['set']} {c['grad_dtype']}"
         elif key == "tracker" and results.get("tracker"):
             t = results["tracker"]
-            vals = [(t["variants"][v]["overhead"]["median"], v) for v in ("ours-optimizer", "ours-backward")
-                    if v in t["variants"]]
-            if vals:
-                measured, where = max(vals)
-                where = f"{t['workload']}, hook={where.split('-', 1)[1]}"
+            # The goal is about the default hook ("optimizer", the faster safe mode); the backward
+            # mode's row is reported beside it in the tracker table.
+            if "ours-optimizer" in t["variants"]:
+                measured = t["variants"]["ours-optimizer"]["overhead"]["median"]
+                where = f"{t['workload']}, hook=optimizer (default)"
         is_max = key == "tracker"
         met = None if measured is None else (measured <= target if is_max else measured >= target)
         rows.append({"goal": label, "target": target, "max" if is_max else "min": True, "measured": measured,

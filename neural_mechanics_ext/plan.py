@@ -40,14 +40,7 @@ class MomentPlan:
         index_of_tensor: Dict[int, int] = {}
         row_of: Dict[Tuple[int, Tuple[int, int, int]], int] = {}
 
-        def slot(name: str, view: Tuple[int, int, int], family: SymmetryFamily) -> int:
-            if name not in named_parameters:
-                raise KeyError(f"family {family.name!r}: the model has no parameter named {name!r}")
-            p = named_parameters[name]
-            a, k, b = view
-            if a * k * b != p.numel():
-                raise ValueError(f"family {family.name!r}: view {view} of {name} covers {a * k * b} elements "
-                                 f"but the parameter has {p.numel()} (shape {tuple(p.shape)})")
+        def slot(name: str, p: torch.Tensor, view: Tuple[int, int, int]) -> int:
             t = index_of_tensor.setdefault(id(p), len(self.params))
             if t == len(self.params):
                 self.names.append(name)
@@ -59,7 +52,7 @@ class MomentPlan:
 
         members = []
         for f in self.families:
-            members.append([(slot(n, v, f), v, s) for n, v, s in f.members])
+            members.append([(slot(n, p, v), v, s) for (n, _, _), (p, v, s) in zip(f.members, f.resolve(named_parameters))])
         # Rows of the slice_moments result: by tensor, then view, then k.
         row = 0
         self.first_row: List[int] = []  # first result row of each tensor; rows of tensors [i, j) are contiguous

@@ -376,6 +376,7 @@ class SymmetryTracker:
         M = torch.cat([signed.view(T, G, 9), unsigned.view(T, G, 9)[:, :, 3:5]], dim=2)
         preds = {name: torch.full((T, G), float("nan"), dtype=torch.float64) for name in PREDICTIONS}
         angular = torch.full((T, G), float("nan"), dtype=torch.float64)
+        equilibrium = torch.full((T, G), float("nan"), dtype=torch.float64)
         lr = torch.zeros((T, G), dtype=torch.float64)
         elapsed = torch.zeros((T, G), dtype=torch.float64)
         for b in self._batches:
@@ -412,7 +413,8 @@ class SymmetryTracker:
                     steps_with = torch.tensor([t for t, _ in rows])
                     preds[name][steps_with[:, None], b.groups] = torch.stack([v for _, v in rows])
             if b.kind == "scale":
-                angular[:, b.groups] = self._angular(Mb, hps)
+                angular[:, b.groups] = self._per_setting(angular_update, Mb, hps)
+                equilibrium[:, b.groups] = self._per_setting(self._equilibrium, Mb, hps)
             lr[:, b.groups] = torch.tensor([float(hp.lr) for hp in hps], dtype=torch.float64)[:, None]
             elapsed[:, b.groups] = torch.tensor(times, dtype=torch.float64)[:, None]
         for rec in hypers:
@@ -434,6 +436,7 @@ class SymmetryTracker:
                                        M[:, :, UNSIGNED_YY], counts, g_rms_sq)
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
                    "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n, "angular_update": angular,
+                   "equilibrium": equilibrium,
                    "lr": lr, "t": elapsed, **preds}
         # Maxima over the block per family, for every family at once (scatter over the group -> family map).
         stats = {"magnitude": self._family_max(magnitude), "residual": self._family_max(residual)}
@@ -444,16 +447,25 @@ class SymmetryTracker:
         return {"steps": steps, "columns": columns, "stats": stats}
 
     @staticmethod
-    def _angular(Mb: torch.Tensor, hps: List[StepHyper]) -> torch.Tensor:
-        """angular_update over a block, one call per run of steps with the same settings."""
+    def _per_setting(fn, Mb: torch.Tensor, hps: List[StepHyper]) -> torch.Tensor:
+        """fn(moments [n, 9], settings) -> [n] over a block [T, G, 9], one call per run of equal settings."""
         out, t = torch.empty(Mb.shape[:2], dtype=torch.float64), 0
         while t < len(hps):
             u = t + 1
             while u < len(hps) and hps[u] == hps[t]:
                 u += 1
-            out[t:u] = angular_update(Mb[t:u].reshape(-1, 9), hps[t]).view(u - t, -1)
+            out[t:u] = fn(Mb[t:u].reshape(-1, 9), hps[t]).view(u - t, -1)
             t = u
         return out
+
+    @staticmethod
+    def _equilibrium(M: torch.Tensor, hp: StepHyper) -> torch.Tensor:
+        """The equilibrium n* of THEORY §3(b)/§4.1 that the step's settings and its gradient drive toward,
+        from the orbit invariant Ĝ = |g_A|²·|θ_A|² (NaN without weight decay or with Nesterov)."""
+        if hp.weight_decay == 0 or hp.nesterov:
+            return torch.full(M.shape[:1], float("nan"), dtype=torch.float64)
+        return equilibrium_norm(hp.lr, hp.weight_decay, M[:, COL["yy"]] * M[:, COL["xx"]], hp.momentum,
+                                hp.dampening)
 
     def _family_max(self, v: torch.Tensor) -> List[float]:
         """Max over steps and groups of each family, ignoring non-finite values (-inf when none)."""
@@ -520,7 +532,9 @@ class SymmetryTracker:
     def history(self) -> Dict[str, Dict[str, np.ndarray]]:
         """Per family: step, t (Σ lr), empirical [T, G], exact, paper, modified [T, G] (NaN where not
         applicable), magnitude [T, G], residual [T] (max over groups of the gradient-constraint residual),
-        per-layer sums (``*_sum`` [T]) and, for scale families, effective_lr and angular_update [T, G]."""
+        per-layer sums (``*_sum`` [T]) and, for scale families, grad_sq (|g_A|²), effective_lr (η/|θ_A|²),
+        angular_update (radians per step) and equilibrium (the n* = |θ_A|² the current gradient and
+        settings drive toward, THEORY §3(b)/§4.1) [T, G]."""
         self.sync()
         return {name: h.arrays() for name, h in self._history.items()}
 
@@ -633,7 +647,7 @@ def _read_hyper(group: dict) -> dict:
 class _FamilyHistory:
     """The logged rows of one family, plus running maxima over every step (logged or not)."""
 
-    SCALE_ONLY = ("effective_lr", "angular_update", "grad_sq")
+    SCALE_ONLY = ("effective_lr", "angular_update", "grad_sq", "equilibrium")
 
     def __init__(self, family: SymmetryFamily):
         self.family = family

@@ -140,6 +140,11 @@ def test_history_columns_and_layer_sums():
     np.testing.assert_allclose(h["t"], 0.05 * np.arange(30))
     np.testing.assert_allclose(h["effective_lr"], 0.05 / h["empirical"])
     assert np.all(h["angular_update"] > 0)
+    # Equilibrium of §4.2's full form (b = 0): n*² = ηcĜ(1+β) / (λ(1−β)(2(1+β) − ηcλ)), Ĝ = |g_A|²·n.
+    eta, beta, lam = 0.05, 0.9, 5e-3
+    G_hat = h["grad_sq"] * h["empirical"]
+    np.testing.assert_allclose(h["equilibrium"] ** 2,
+                               eta * G_hat * (1 + beta) / (lam * (1 - beta) * (2 * (1 + beta) - eta * lam)), rtol=1e-12)
     assert "effective_lr" not in tracker.history()["3 (columns)"]
 
 

@@ -1,6 +1,7 @@
 """SymmetryFamily: a set of parameter groups that share one symmetry kind (THEORY.md §1.2)."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -69,6 +70,23 @@ class SymmetryFamily:
             if (p, v) in seen:
                 raise ValueError(f"SymmetryFamily {self.name!r}: member {p} {v} listed twice")
             seen.add((p, v))
+
+    def resolve(self, named_parameters: dict) -> List[tuple]:
+        """The members as ``(parameter, view, sign)``; a clear error for an unknown name or a view that
+        does not cover its parameter."""
+        out = []
+        for pname, view, sign in self.members:
+            if pname not in named_parameters:
+                close = difflib.get_close_matches(pname, list(named_parameters), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise KeyError(f"family {self.name!r}: the model has no parameter named {pname!r}{hint}")
+            p = named_parameters[pname]
+            a, k, b = view
+            if a * k * b != p.numel():
+                raise ValueError(f"family {self.name!r}: view {view} of {pname} covers {a * k * b} elements but "
+                                 f"the parameter has {p.numel()} (shape {tuple(p.shape)})")
+            out.append((p, view, sign))
+        return out
 
     @property
     def num_groups(self) -> int:

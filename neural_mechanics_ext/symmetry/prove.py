@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -204,16 +203,7 @@ def validate_families(model: torch.nn.Module, families: Sequence[SymmetryFamily]
     for fam in families:
         if not isinstance(fam, SymmetryFamily):
             raise TypeError(f"expected SymmetryFamily objects, got {type(fam).__name__}")
-        for pname, view, _ in fam.members:
-            if pname not in named:
-                close = difflib.get_close_matches(pname, list(named), n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise KeyError(f"family {fam.name!r}: the model has no parameter named {pname!r}{hint}")
-            p = named[pname]
-            a, k, b = view
-            if a * k * b != p.numel():
-                raise ValueError(f"family {fam.name!r}: view {view} of {pname} covers {a * k * b} elements but "
-                                 f"the parameter has {p.numel()} (shape {tuple(p.shape)})")
+        for (pname, _, _), (p, _, _) in zip(fam.members, fam.resolve(named)):
             if not p.requires_grad:
                 raise ValueError(f"family {fam.name!r}: parameter {pname} is frozen (requires_grad=False); "
                                  f"it never receives a gradient, so the symmetry cannot be proved or tracked")
