@@ -22,7 +22,8 @@ def slice_moments_reference(
 
     ``view_table`` is the flat form used by the op: quadruples ``(tensor_index, A, K, B)`` ordered by
     tensor index.  ``ys``/``zs`` are empty (absent) or hold one tensor or ``None`` per ``xs`` entry;
-    whatever is absent counts as zeros.  Inputs are assumed valid (see ``ops._check_inputs``).
+    whatever is absent counts as zeros, and a moment with an absent factor is exactly 0
+    (not NaN where x is NaN).  Inputs are assumed valid (see ``ops._check_inputs``).
     """
     device = xs[0].device if len(xs) else torch.device("cpu")
     rows, flat, flat_of = [], None, None
@@ -32,9 +33,14 @@ def slice_moments_reference(
             flat_of = i
             flat = [None if t is None else t.detach().reshape(-1).to(torch.float64)
                     for t in (xs[i], _entry(ys, i), _entry(zs, i))]
-        x, y, z = (torch.zeros(a, k, b, dtype=torch.float64, device=device) if t is None else t.view(a, k, b)
-                   for t in flat)
-        cols = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+        x, y, z = (None if t is None else t.view(a, k, b) for t in flat)
+        zero = torch.zeros(a, k, b, dtype=torch.float64, device=device)
+        # A moment with an absent factor is exactly 0, also where x is NaN or Inf (not NaN * 0).
+        def prod(p, q):
+            return zero if p is None or q is None else p * q
+
+        cols = [x, zero if y is None else y, zero if z is None else z,
+                x * x, prod(y, y), prod(z, z), prod(x, y), prod(x, z), prod(y, z)]
         rows.append(torch.stack([c.sum(dim=(0, 2)) for c in cols], dim=1))
     if not rows:
         return torch.zeros((0, 9), dtype=torch.float64, device=device)

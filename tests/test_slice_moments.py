@@ -116,6 +116,18 @@ def test_nan_and_inf_stay_in_their_slices(device):
     assert finite[[0, 1, 3, 5]].all()
 
 
+def test_moments_with_an_absent_factor_are_zero_even_next_to_nan(device):
+    # An absent y or z is not measured: its moments are 0, not NaN * 0, on every implementation.
+    x = torch.randn(4, 8, device=device)
+    x[1, 3] = float("nan")
+    y = torch.randn(4, 8, device=device)
+    for ys, zs, zero_cols in ((None, None, [1, 2, 4, 5, 6, 7, 8]), ([y], None, [2, 5, 7, 8]), (None, [y], [1, 4, 6, 8])):
+        for out in (nmx.slice_moments([x], [[(1, 4, 8)]], ys, zs).cpu(),
+                    reference([x], [[(1, 4, 8)]], ys, zs).cpu()):
+            assert out[:, zero_cols].eq(0).all()
+            assert out[1, [0, 3]].isnan().all() and out[[0, 2, 3]].isfinite().all()
+
+
 def test_empty(device):
     assert nmx.slice_moments([], []).shape == (0, 9)
     e = torch.empty(0, 5, device=device)

@@ -5,13 +5,54 @@
 // with COL views are read in groups of rows: per-column sums accumulate into a double array that
 // stays in cache, and with AVX-512 the row totals of RUN views come from the same pass (two rows at
 // a time, nine vector registers per row).  RUN-only items are read one whole row at a time, three
-// sequential streams.  Inputs whose dtype is not the compute type (float, or double when any input is
-// double) are first converted into a per-thread scratch row; float and double inputs are read in place.
+// sequential streams.  The kernels are templates over the storage type of x, y and z and widen to
+// double in registers, so the common dtype mixes (all one dtype; fp32 x and z with a bf16 or fp16
+// gradient) are read in place; rarer mixes are first converted into a per-thread scratch row.
 
 namespace nmx {
 namespace cpu {
 namespace NMX_ISA {
 namespace {
+
+// ---- conversions (bit-exact, vectorisable, no torch headers) ---------------------------------------
+NMX_INLINE float bits_to_float(uint32_t w) {
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+NMX_INLINE uint32_t float_to_bits(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof w);
+  return w;
+}
+NMX_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+// IEEE half to float, including subnormals, infinities and NaN (the algorithm c10::Half uses).
+NMX_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  return bits_to_float(sign | bits);
+}
+
+// The storage types of 16-bit inputs (read in place, widened in registers).
+struct bf16_t {
+  uint16_t bits;
+};
+struct half_t {
+  uint16_t bits;
+};
+NMX_INLINE double to_double(float v) { return v; }
+NMX_INLINE double to_double(double v) { return v; }
+NMX_INLINE double to_double(bf16_t v) { return bf16_to_float(v.bits); }
+NMX_INLINE double to_double(half_t v) { return f16_to_float(v.bits); }
+template <typename T>
+constexpr int dtype_code() {
+  return std::is_same<T, float>::value ? kF32 : std::is_same<T, double>::value ? kF64
+       : std::is_same<T, half_t>::value ? kF16 : kBF16;
+}
 
 // One vector register of doubles per instruction set (NMX_ISA_LEVEL: 2 AVX-512, 1 AVX2, 0 baseline).
 // Loads go through intrinsics where they exist: GCC splits a generic float->double vector conversion
@@ -40,6 +81,31 @@ NMX_INLINE dvec load(const float* p) {
   return __builtin_convertvector(f, dvec);
 #endif
 }
+// 16-bit inputs: the bits of a bfloat16 are the high half of a float's; IEEE halves go through F16C.
+NMX_INLINE dvec load(const bf16_t* p) {
+#if NMX_ISA_LEVEL == 2
+  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return (dvec)_mm512_cvtps_pd(_mm256_castsi256_ps(w));
+#elif NMX_ISA_LEVEL == 1
+  const __m128i w = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16);
+  return (dvec)_mm256_cvtps_pd(_mm_castsi128_ps(w));
+#else
+  dvec d;
+  for (int i = 0; i < kLanes; ++i) d[i] = to_double(p[i]);
+  return d;
+#endif
+}
+NMX_INLINE dvec load(const half_t* p) {
+#if NMX_ISA_LEVEL == 2
+  return (dvec)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif NMX_ISA_LEVEL == 1
+  return (dvec)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  dvec d;
+  for (int i = 0; i < kLanes; ++i) d[i] = to_double(p[i]);
+  return d;
+#endif
+}
 NMX_INLINE dvec load(const double* p) {
   dvec d;
   std::memcpy(&d, p, sizeof d);
@@ -63,31 +129,11 @@ constexpr bool moment_used(int m) {
          (m == 8 && HY && HZ);
 }
 
-// ---- conversions (bit-exact, vectorisable, no torch headers) ---------------------------------------
-NMX_INLINE float bits_to_float(uint32_t w) {
-  float f;
-  std::memcpy(&f, &w, sizeof f);
-  return f;
-}
-NMX_INLINE uint32_t float_to_bits(float f) {
-  uint32_t w;
-  std::memcpy(&w, &f, sizeof w);
-  return w;
-}
-NMX_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-// IEEE half to float, including subnormals, infinities and NaN (the algorithm c10::Half uses).
-NMX_INLINE float f16_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t bits = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
-  return bits_to_float(sign | bits);
-}
-
 template <typename C>
 void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
+  if constexpr (!std::is_floating_point<C>::value) {
+    return;  // never reached (see as_type); keeps 16-bit instantiations from converting into them
+  } else {
   switch (dtype) {
     case kF32: {
       const float* s = static_cast<const float*>(src) + offset;
@@ -110,23 +156,25 @@ void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
       break;
     }
   }
+  }
 }
 
-// A run of n values of tensor `src` starting at `offset`, as the compute type C: in place when the
-// dtype already is C, else converted into `scratch`.
-template <typename C>
-const C* as_compute(const void* src, int dtype, int64_t offset, int64_t n, C* scratch) {
-  constexpr int code = std::is_same<C, double>::value ? kF64 : kF32;
-  if (dtype == code) return static_cast<const C*>(src) + offset;
-  convert(src, dtype, offset, n, scratch);
-  return scratch;
+// A run of n values of tensor `src` starting at `offset`, as storage type T: in place when the dtype
+// is T, else converted into `scratch` (only ever to float or double: process_item picks a 16-bit T
+// only for tensors of that dtype).
+template <typename T>
+const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* scratch) {
+  if (dtype == dtype_code<T>()) return static_cast<const T*>(src) + offset;
+  T* out = static_cast<T*>(scratch);
+  convert(src, dtype, offset, n, out);
+  return out;
 }
 
 // ---- the two reductions ----------------------------------------------------------------------------
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
 // its AVX-512 register saves) cost three times the work on narrow tensors.
-template <bool HY, bool HZ, typename C>
-NMX_INLINE void add_row_total(const C* x, const C* y, const C* z, int64_t n, Moments<double>& out) {
+template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
+NMX_INLINE void add_row_total(const TX* x, const TY* y, const TZ* z, int64_t n, Moments<double>& out) {
   Moments<dvec> a;
   zero(a);
   int64_t i = 0;
@@ -135,7 +183,7 @@ NMX_INLINE void add_row_total(const C* x, const C* y, const C* z, int64_t n, Mom
   Moments<double> t;
   for (int m = 0; m < kMoments; ++m) t.m[m] = hsum(a.m[m]);
   for (; i < n; ++i)
-    accumulate<HY, HZ>(t, double(x[i]), HY ? double(y[i]) : 0.0, HZ ? double(z[i]) : 0.0);
+    accumulate<HY, HZ>(t, to_double(x[i]), HY ? to_double(y[i]) : 0.0, HZ ? to_double(z[i]) : 0.0);
   add_to(out, t);
 }
 
@@ -147,8 +195,8 @@ NMX_INLINE int64_t colsum_index(int64_t c, int m) {
 }
 
 // Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
-template <int NR, bool HY, bool HZ, typename C>
-NMX_INLINE void add_column_sums(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n) {
+template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
+NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
     double* block = acc + colsum_index(c, 0);
@@ -163,7 +211,7 @@ NMX_INLINE void add_column_sums(double* acc, const C* const* x, const C* const* 
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
     for (int r = 0; r < NR; ++r)
-      accumulate<HY, HZ>(a, double(x[r][c]), HY ? double(y[r][c]) : 0.0, HZ ? double(z[r][c]) : 0.0);
+      accumulate<HY, HZ>(a, to_double(x[r][c]), HY ? to_double(y[r][c]) : 0.0, HZ ? to_double(z[r][c]) : 0.0);
     for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
   }
 }
@@ -172,8 +220,8 @@ NMX_INLINE void add_column_sums(double* acc, const C* const* x, const C* const* 
 // the two rows' totals (in registers) take their terms from the same loads and conversions.  The
 // additions happen in the same order as add_column_sums + add_row_total would do them, so the
 // result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
-template <bool HY, bool HZ, typename C>
-NMX_INLINE void add_columns_and_two_rows(double* acc, const C* const* x, const C* const* y, const C* const* z, int64_t n,
+template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
+NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
                               Moments<double>& out0, Moments<double>& out1) {
   Moments<dvec> r0, r1;
   zero(r0);
@@ -198,7 +246,7 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const C* const* x, const C
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
     for (int q = 0; q < 2; ++q) {
-      const double xv = double(x[q][c]), yv = HY ? double(y[q][c]) : 0.0, zv = HZ ? double(z[q][c]) : 0.0;
+      const double xv = to_double(x[q][c]), yv = HY ? to_double(y[q][c]) : 0.0, zv = HZ ? to_double(z[q][c]) : 0.0;
       accumulate<HY, HZ>(a, xv, yv, zv);
       accumulate<HY, HZ>(q == 0 ? t0 : t1, xv, yv, zv);
     }
@@ -208,11 +256,11 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const C* const* x, const C
   add_to(out1, t1);
 }
 
-template <bool HY, bool HZ, typename C>
+template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   static thread_local std::vector<double> colsum;
   static thread_local std::vector<Moments<double>> rowtot;
-  static thread_local std::vector<C> scratch;
+  static thread_local std::vector<double> scratch;  // room for a double per value; holds any T
 
   const EntryRec& e = plan.entries[it.entry];
   const int64_t L = e.L, width = it.c1 - it.c0, rows = it.r1 - it.r0;
@@ -228,7 +276,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   // __tls_get_addr, which the compiler does not hoist out of the loops.
   double* const cs = colsum.data();
   Moments<double>* const rt = rowtot.data() - it.r0;  // indexed by row
-  C* const sc0 = scratch.data();
+  double* const sc0 = scratch.data();
 
   // RUN-only items with long rows read one row at a time: three long sequential streams, which the
   // prefetchers follow (four rows at once interleave twelve).  Short rows are contiguous anyway.
@@ -237,15 +285,15 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
       const int64_t n = std::min(segment, it.c1 - s0);
-      const C* xp[kRowGroup];
-      const C* yp[kRowGroup] = {};
-      const C* zp[kRowGroup] = {};
+      const TX* xp[kRowGroup];
+      const TY* yp[kRowGroup] = {};
+      const TZ* zp[kRowGroup] = {};
       for (int q = 0; q < nr; ++q) {
         const int64_t off = (r + q) * L + s0;
-        C* sc = sc0 + 3 * q * segment;
-        xp[q] = as_compute(tp.x, tp.dx, off, n, sc);
-        if (HY) yp[q] = as_compute(tp.y, tp.dy, off, n, sc + segment);
-        if (HZ) zp[q] = as_compute(tp.z, tp.dz, off, n, sc + 2 * segment);
+        double* sc = sc0 + 3 * q * segment;
+        xp[q] = as_type<TX>(tp.x, tp.dx, off, n, sc);
+        if (HY) yp[q] = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
+        if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
       }
       if (kFused && e.has_col && e.has_run) {
         // One pass for both kinds (single segment, column sums from c0), rows in pairs.
@@ -296,24 +344,45 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   }
 }
 
+template <typename TX, typename TY, typename TZ>
+void run_typed(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
+  const bool hy = tp.y != nullptr, hz = tp.z != nullptr;
+  if (hy && hz) {
+    run_item<true, true, TX, TY, TZ>(plan, it, tp, slots);
+  } else if (hy) {
+    run_item<true, false, TX, TY, TZ>(plan, it, tp, slots);
+  } else if constexpr (std::is_same<TX, TY>::value) {  // a mixed-type call always has y
+    if (hz) run_item<false, true, TX, TY, TZ>(plan, it, tp, slots);
+    else run_item<false, false, TX, TY, TZ>(plan, it, tp, slots);
+  }
+}
+
+template <typename T>
+void run_one_type(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
+  run_typed<T, T, T>(plan, it, tp, slots);
+}
+
 }  // namespace
 
 void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, double* slots) {
   const ItemRec& it = plan.items[item];
   const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
-  const bool wide = tp.dx == kF64 || (tp.y && tp.dy == kF64) || (tp.z && tp.dz == kF64);
-  const bool hy = tp.y != nullptr, hz = tp.z != nullptr;
-  if (wide) {
-    if (hy && hz) run_item<true, true, double>(plan, it, tp, slots);
-    else if (hy) run_item<true, false, double>(plan, it, tp, slots);
-    else if (hz) run_item<false, true, double>(plan, it, tp, slots);
-    else run_item<false, false, double>(plan, it, tp, slots);
-  } else {
-    if (hy && hz) run_item<true, true, float>(plan, it, tp, slots);
-    else if (hy) run_item<true, false, float>(plan, it, tp, slots);
-    else if (hz) run_item<false, true, float>(plan, it, tp, slots);
-    else run_item<false, false, float>(plan, it, tp, slots);
+  // An absent y or z takes x's dtype, so that it does not break the "one dtype" case.
+  const int dx = tp.dx, dy = tp.y ? tp.dy : dx, dz = tp.z ? tp.dz : dx;
+  if (dx == dy && dx == dz) {
+    switch (dx) {
+      case kF32: return run_one_type<float>(plan, it, tp, slots);
+      case kF64: return run_one_type<double>(plan, it, tp, slots);
+      case kF16: return run_one_type<half_t>(plan, it, tp, slots);
+      default: return run_one_type<bf16_t>(plan, it, tp, slots);
+    }
   }
+  // Mixed precision: fp32 parameters and momentum with a 16-bit gradient, in place.
+  if (dx == kF32 && dz == kF32 && dy == kBF16) return run_typed<float, bf16_t, float>(plan, it, tp, slots);
+  if (dx == kF32 && dz == kF32 && dy == kF16) return run_typed<float, half_t, float>(plan, it, tp, slots);
+  // Any other mix is converted, row by row, to float (exact for every dtype but double) or double.
+  if (dx == kF64 || dy == kF64 || dz == kF64) return run_one_type<double>(plan, it, tp, slots);
+  run_one_type<float>(plan, it, tp, slots);
 }
 
 }  // namespace NMX_ISA
