@@ -101,6 +101,17 @@ __device__ __forceinline__ void load_lane(const void* p, int dtype, bool vec, in
 
 __device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 
+// One element's terms, leaving out those of an absent y / z as the CPU kernels do (moments.h): adding
+// x * 0 instead would turn an Inf or NaN of x into a NaN in xy / xz (and of y into one in yz).  hy / hz
+// are the same for the whole block, so the branch does not diverge.
+__device__ __forceinline__ void accumulate_present(Moments<double>& a, double x, double y, double z, bool hy,
+                                                   bool hz) {
+  if (hy && hz) accumulate<true, true>(a, x, y, z);
+  else if (hy) accumulate<true, false>(a, x, y, z);
+  else if (hz) accumulate<false, true>(a, x, y, z);
+  else accumulate<false, false>(a, x, y, z);
+}
+
 template <bool HAS_COL>
 __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   __shared__ double rowbuf[kRowBuf][kMoments];
@@ -114,6 +125,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   const void* py = reinterpret_cast<const void*>(tp[1]);
   const void* pz = reinterpret_cast<const void*>(tp[2]);
   const int dx = int(tp[3]), dy = int(tp[4]), dz = int(tp[5]);
+  const bool hy = py != nullptr, hz = pz != nullptr;
   const bool vec = tp[6] != 0 && e.L % 4 == 0;
   const bool has_run = e.has_run != 0;
 
@@ -157,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
           load_lane(pz, dz, vec, row_base, tc + first_col, it.c1, lane_stride, z);
 #pragma unroll
           for (int t = 0; t < kColsPerLane; ++t) {
-            if (HAS_COL) accumulate<true, true>(col[t], x[t], y[t], z[t]);
-            if (has_run) accumulate<true, true>(row, x[t], y[t], z[t]);
+            if (HAS_COL) accumulate_present(col[t], x[t], y[t], z[t], hy, hz);
+            if (has_run) accumulate_present(row, x[t], y[t], z[t], hy, hz);
           }
         }
       }
