@@ -112,6 +112,16 @@ __device__ __forceinline__ void accumulate_present(Moments<double>& a, double x,
   else accumulate<false, false>(a, x, y, z);
 }
 
+// a.m[m] for a moment index m known only at run time, without indexing the array: a dynamic index would
+// move the per-column accumulators of the whole kernel from registers to local memory.
+__device__ __forceinline__ double moment_at(const Moments<double>& a, int m) {
+  double v = a.m[0];
+#pragma unroll
+  for (int i = 1; i < kMoments; ++i)
+    if (m == i) v = a.m[i];
+  return v;
+}
+
 template <bool HAS_COL>
 __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   __shared__ double rowbuf[kRowBuf][kMoments];
@@ -148,6 +158,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
 
   Moments<double> col[kColsPerLane];
   if (HAS_COL)
+#pragma unroll
     for (int t = 0; t < kColsPerLane; ++t) zero(col[t]);
 
   const int64_t rows = it.r1 - it.r0;
@@ -220,9 +231,10 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
     // then each COL view folds B adjacent columns into a slice.
     for (int m = 0; m < kMoments; ++m) {
       __syncthreads();
+#pragma unroll
       for (int t = 0; t < kColsPerLane; ++t) {
         const int64_t c = first_col + int64_t(t) * lane_stride;
-        if (c < width) colbuf[g * width + c] = col[t].m[m];
+        if (c < width) colbuf[g * width + c] = moment_at(col[t], m);
       }
       __syncthreads();
       for (int64_t c = tid; c < width; c += kThreads) {
