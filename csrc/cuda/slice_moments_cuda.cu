@@ -277,6 +277,7 @@ struct DeviceTables {
   at::Tensor blob;  // int64: entries | views | items | col item ids | run item ids | row_ptr | row_slots
   int64_t entries = 0, views = 0, items = 0, col_ids = 0, run_ids = 0, row_ptr = 0, row_slots = 0;
   int64_t num_col = 0, num_run = 0;
+  cudaStream_t made_on = nullptr;  // the stream the blob was allocated on
 };
 
 template <typename T>
@@ -286,7 +287,9 @@ void append(std::vector<int64_t>& blob, const std::vector<T>& v) {
   blob.insert(blob.end(), p, p + v.size() * (sizeof(T) / sizeof(int64_t)));
 }
 
-const DeviceTables& device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
+// Returned by value (a tensor reference and a few numbers): a reference into the cache would dangle when
+// another thread's call evicts the entry while this one still launches with it.
+DeviceTables device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
   static std::mutex mutex;
   static std::list<std::tuple<std::shared_ptr<const Plan>, int, DeviceTables>> cache;
   std::lock_guard<std::mutex> lock(mutex);
@@ -307,6 +310,7 @@ const DeviceTables& device_tables(const std::shared_ptr<const Plan>& plan, const
   t.num_col = static_cast<int64_t>(col_ids.size());
   t.num_run = static_cast<int64_t>(run_ids.size());
   t.blob = at::tensor(blob, at::TensorOptions().dtype(at::kLong)).to(device);
+  t.made_on = at::cuda::getCurrentCUDAStream(device.index()).stream();
   cache.emplace_front(plan, device.index(), std::move(t));
   if (cache.size() > 16) cache.pop_back();
   return std::get<2>(cache.front());
@@ -330,7 +334,7 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   static const PlanConfig config{/*col_width=*/kTile, /*run_width=*/65536, /*item_elems=*/65536,
                                  /*col_min_rows=*/256};
   std::shared_ptr<const Plan> plan = get_plan(call.numels, call.views, config);
-  const DeviceTables& dt = device_tables(plan, device);
+  const DeviceTables dt = device_tables(plan, device);
   const auto long_opts = at::TensorOptions().dtype(at::kLong);
 
   // This call's pointers: a small pinned table, copied without blocking the host.
@@ -353,7 +357,11 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   Tables tb{reinterpret_cast<const EntryRec*>(blob + dt.entries), reinterpret_cast<const ViewRec*>(blob + dt.views),
             reinterpret_cast<const ItemRec*>(blob + dt.items), nullptr, 0, tensors.data_ptr<int64_t>(),
             slots.data_ptr<double>()};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  // The cached tables were allocated on the stream current when they were made; when this call runs on
+  // another one, the caching allocator must not hand their memory out again (cache eviction) before
+  // this call's kernels are done with it.  (Only then: record_stream goes through the dispatcher.)
+  if (stream.stream() != dt.made_on) dt.blob.record_stream(stream);
   if (dt.num_col > 0) {
     tb.item_ids = blob + dt.col_ids, tb.num_items = dt.num_col;
     items_kernel<true><<<static_cast<unsigned>(dt.num_col), kThreads, 0, stream>>>(tb);
