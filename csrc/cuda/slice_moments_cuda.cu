@@ -338,7 +338,10 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   const auto long_opts = at::TensorOptions().dtype(at::kLong);
 
   // This call's pointers: a small pinned table, copied without blocking the host.
-  at::Tensor host = at::empty({static_cast<int64_t>(call.tensors.size()), kTensorFields}, long_opts).pin_memory();
+  // (Allocated pinned: empty().pin_memory() would allocate twice and copy.  The caching host allocator
+  // records the copy below, so the buffer is not reused before the copy has read it.)
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(call.tensors.size()), kTensorFields}, long_opts.pinned_memory(true));
   int64_t* h = host.data_ptr<int64_t>();
   for (size_t i = 0; i < call.tensors.size(); ++i) {
     const cpu::TensorPtrs& p = call.tensors[i];
