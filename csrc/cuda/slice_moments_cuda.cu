@@ -101,6 +101,27 @@ __device__ __forceinline__ void load_lane(const void* p, int dtype, bool vec, in
 
 __device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 
+// One element's terms, leaving out those of an absent y / z as the CPU kernels do (moments.h): adding
+// x * 0 instead would turn an Inf or NaN of x into a NaN in xy / xz (and of y into one in yz).  hy / hz
+// are the same for the whole block, so the branch does not diverge.
+__device__ __forceinline__ void accumulate_present(Moments<double>& a, double x, double y, double z, bool hy,
+                                                   bool hz) {
+  if (hy && hz) accumulate<true, true>(a, x, y, z);
+  else if (hy) accumulate<true, false>(a, x, y, z);
+  else if (hz) accumulate<false, true>(a, x, y, z);
+  else accumulate<false, false>(a, x, y, z);
+}
+
+// a.m[m] for a moment index m known only at run time, without indexing the array: a dynamic index would
+// move the per-column accumulators of the whole kernel from registers to local memory.
+__device__ __forceinline__ double moment_at(const Moments<double>& a, int m) {
+  double v = a.m[0];
+#pragma unroll
+  for (int i = 1; i < kMoments; ++i)
+    if (m == i) v = a.m[i];
+  return v;
+}
+
 template <bool HAS_COL>
 __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   __shared__ double rowbuf[kRowBuf][kMoments];
@@ -114,6 +135,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   const void* py = reinterpret_cast<const void*>(tp[1]);
   const void* pz = reinterpret_cast<const void*>(tp[2]);
   const int dx = int(tp[3]), dy = int(tp[4]), dz = int(tp[5]);
+  const bool hy = py != nullptr, hz = pz != nullptr;
   const bool vec = tp[6] != 0 && e.L % 4 == 0;
   const bool has_run = e.has_run != 0;
 
@@ -136,6 +158,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
 
   Moments<double> col[kColsPerLane];
   if (HAS_COL)
+#pragma unroll
     for (int t = 0; t < kColsPerLane; ++t) zero(col[t]);
 
   const int64_t rows = it.r1 - it.r0;
@@ -157,8 +180,8 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
           load_lane(pz, dz, vec, row_base, tc + first_col, it.c1, lane_stride, z);
 #pragma unroll
           for (int t = 0; t < kColsPerLane; ++t) {
-            if (HAS_COL) accumulate<true, true>(col[t], x[t], y[t], z[t]);
-            if (has_run) accumulate<true, true>(row, x[t], y[t], z[t]);
+            if (HAS_COL) accumulate_present(col[t], x[t], y[t], z[t], hy, hz);
+            if (has_run) accumulate_present(row, x[t], y[t], z[t], hy, hz);
           }
         }
       }
@@ -208,9 +231,10 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
     // then each COL view folds B adjacent columns into a slice.
     for (int m = 0; m < kMoments; ++m) {
       __syncthreads();
+#pragma unroll
       for (int t = 0; t < kColsPerLane; ++t) {
         const int64_t c = first_col + int64_t(t) * lane_stride;
-        if (c < width) colbuf[g * width + c] = col[t].m[m];
+        if (c < width) colbuf[g * width + c] = moment_at(col[t], m);
       }
       __syncthreads();
       for (int64_t c = tid; c < width; c += kThreads) {
@@ -253,6 +277,7 @@ struct DeviceTables {
   at::Tensor blob;  // int64: entries | views | items | col item ids | run item ids | row_ptr | row_slots
   int64_t entries = 0, views = 0, items = 0, col_ids = 0, run_ids = 0, row_ptr = 0, row_slots = 0;
   int64_t num_col = 0, num_run = 0;
+  cudaStream_t made_on = nullptr;  // the stream the blob was allocated on
 };
 
 template <typename T>
@@ -262,7 +287,9 @@ void append(std::vector<int64_t>& blob, const std::vector<T>& v) {
   blob.insert(blob.end(), p, p + v.size() * (sizeof(T) / sizeof(int64_t)));
 }
 
-const DeviceTables& device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
+// Returned by value (a tensor reference and a few numbers): a reference into the cache would dangle when
+// another thread's call evicts the entry while this one still launches with it.
+DeviceTables device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
   static std::mutex mutex;
   static std::list<std::tuple<std::shared_ptr<const Plan>, int, DeviceTables>> cache;
   std::lock_guard<std::mutex> lock(mutex);
@@ -283,6 +310,7 @@ const DeviceTables& device_tables(const std::shared_ptr<const Plan>& plan, const
   t.num_col = static_cast<int64_t>(col_ids.size());
   t.num_run = static_cast<int64_t>(run_ids.size());
   t.blob = at::tensor(blob, at::TensorOptions().dtype(at::kLong)).to(device);
+  t.made_on = at::cuda::getCurrentCUDAStream(device.index()).stream();
   cache.emplace_front(plan, device.index(), std::move(t));
   if (cache.size() > 16) cache.pop_back();
   return std::get<2>(cache.front());
@@ -306,11 +334,14 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   static const PlanConfig config{/*col_width=*/kTile, /*run_width=*/65536, /*item_elems=*/65536,
                                  /*col_min_rows=*/256};
   std::shared_ptr<const Plan> plan = get_plan(call.numels, call.views, config);
-  const DeviceTables& dt = device_tables(plan, device);
+  const DeviceTables dt = device_tables(plan, device);
   const auto long_opts = at::TensorOptions().dtype(at::kLong);
 
   // This call's pointers: a small pinned table, copied without blocking the host.
-  at::Tensor host = at::empty({static_cast<int64_t>(call.tensors.size()), kTensorFields}, long_opts).pin_memory();
+  // (Allocated pinned: empty().pin_memory() would allocate twice and copy.  The caching host allocator
+  // records the copy below, so the buffer is not reused before the copy has read it.)
+  at::Tensor host =
+      at::empty({static_cast<int64_t>(call.tensors.size()), kTensorFields}, long_opts.pinned_memory(true));
   int64_t* h = host.data_ptr<int64_t>();
   for (size_t i = 0; i < call.tensors.size(); ++i) {
     const cpu::TensorPtrs& p = call.tensors[i];
@@ -329,7 +360,11 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   Tables tb{reinterpret_cast<const EntryRec*>(blob + dt.entries), reinterpret_cast<const ViewRec*>(blob + dt.views),
             reinterpret_cast<const ItemRec*>(blob + dt.items), nullptr, 0, tensors.data_ptr<int64_t>(),
             slots.data_ptr<double>()};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  // The cached tables were allocated on the stream current when they were made; when this call runs on
+  // another one, the caching allocator must not hand their memory out again (cache eviction) before
+  // this call's kernels are done with it.  (Only then: record_stream goes through the dispatcher.)
+  if (stream.stream() != dt.made_on) dt.blob.record_stream(stream);
   if (dt.num_col > 0) {
     tb.item_ids = blob + dt.col_ids, tb.num_items = dt.num_col;
     items_kernel<true><<<static_cast<unsigned>(dt.num_col), kThreads, 0, stream>>>(tb);
