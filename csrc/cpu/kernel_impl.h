@@ -265,7 +265,9 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   const EntryRec& e = plan.entries[it.entry];
   const int64_t L = e.L, width = it.c1 - it.c0, rows = it.r1 - it.r0;
   const int64_t segment = e.has_col ? width : std::min(width, kSegment);
-  if (e.has_col) colsum.assign(kMoments * (width + kLanes), 0.0);
+  // 8 extra doubles so that the sums can start on a cache line: a 64-byte vector store that straddles
+  // two lines costs two, and the column sums are stored once per row pair.
+  if (e.has_col) colsum.assign(kMoments * (width + kLanes) + 8, 0.0);
   if (e.has_run) {
     Moments<double> z0;
     zero(z0);
@@ -274,7 +276,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   scratch.resize(3 * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
-  double* const cs = colsum.data();
+  double* const cs = colsum.data() + ((64 - reinterpret_cast<uintptr_t>(colsum.data()) % 64) % 64) / sizeof(double);
   Moments<double>* const rt = rowtot.data() - it.r0;  // indexed by row
   double* const sc0 = scratch.data();
 
