@@ -336,10 +336,12 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
         for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += rt[r].m[m];
       }
     } else {
-      const int64_t k0 = it.c0 / v.B;
+      // Column c goes to slot c / B (counted from the item's first): stepped, not divided (a 64-bit
+      // division per column cost more than the sums when the slices are single elements).
+      int64_t idx = 0, b = it.c0 % v.B;
       for (int64_t c = it.c0; c < it.c1; ++c) {
-        const int64_t idx = c / v.B - k0;
         for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += cs[colsum_index(c - it.c0, m)];
+        if (++b == v.B) b = 0, ++idx;
       }
     }
     base += slots_in_item(v, it.r0, it.r1, it.c0, it.c1) * kMoments;

@@ -44,7 +44,10 @@ at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, co
 
   at::Tensor out = at::empty({p.num_rows, kMoments}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  at::parallel_for(0, p.num_rows, 16384, [&](int64_t begin, int64_t end) {
+  // Summing slots into rows is light (a few doubles per row): threads only for very many rows, or the
+  // parallel region costs more than the work (a lone 1-D parameter of 77k slices spent most of its time
+  // waking threads with a grain of 16k rows).
+  at::parallel_for(0, p.num_rows, int64_t(1) << 17, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       double acc[kMoments] = {};
       for (int64_t s = p.row_ptr[r]; s < p.row_ptr[r + 1]; ++s)
