@@ -17,6 +17,8 @@ LAYOUTS = [
     ("repeated view", (9, 13), [(1, 9, 13), (1, 9, 13)]),
     ("periodic rows", (8, 4, 5), [(2, 4, 20)]),
     ("wide rows", (3, 5000), [(1, 3, 5000), (3, 5000, 1)]),
+    # The CPU tiles COL items 2048 columns wide: slices of 49 columns straddle two tiles.
+    ("flatten block wider than a tile", (6, 64 * 49), [(1, 6, 64 * 49), (6, 64, 49), (6, 64 * 49, 1)]),
     ("tall columns", (1100, 3), [(1100, 3, 1), (1, 1100, 3)]),
     ("classifier 1x1 conv", (10, 16, 1, 1), [(10, 16, 1), (1, 10, 16)]),
 ]

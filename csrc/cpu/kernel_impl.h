@@ -68,6 +68,10 @@ typedef double dvec __attribute__((vector_size(8 * kLanes)));
 typedef float fvec __attribute__((vector_size(4 * kLanes), aligned(4)));
 constexpr int64_t kSegment = 4096;  // columns converted / reduced at a time in RUN-only entries
 constexpr int kRowGroup = 4;
+// Rows up to this many elements prefetch the next rows (see prefetch_rows); longer rows are long
+// streams for the hardware prefetchers, and requesting whole rows ahead only evicted data still in use
+// (vgg16_bn's 25088-wide classifier lost 15%).
+constexpr int64_t kPrefetchMaxRow = 8192;
 constexpr bool kFused = NMX_ISA_LEVEL == 2;  // add_columns_and_two_rows needs 32 vector registers
 
 NMX_INLINE dvec load(const float* p) {
@@ -112,6 +116,20 @@ NMX_INLINE dvec load(const double* p) {
   return d;
 }
 NMX_INLINE void store(double* p, dvec v) { std::memcpy(p, &v, sizeof v); }
+
+// Software prefetch into L2 of the rows a loop reads next (`ahead` elements past the current ones;
+// 0: none).  Rows of a few KB are too short for the hardware prefetchers to get going: with the
+// row pairs of the next group requested while this one is summed, a 3072 x 768 weight with rows and
+// columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so running past the end of
+// a tensor, or into a scratch row, is harmless.
+template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
+NMX_INLINE void prefetch_rows(const TX* const* x, const TY* const* y, const TZ* const* z, int64_t at) {
+  for (int r = 0; r < NR; ++r) {
+    __builtin_prefetch(x[r] + at, 0, 2);
+    if (HY) __builtin_prefetch(y[r] + at, 0, 2);
+    if (HZ) __builtin_prefetch(z[r] + at, 0, 2);
+  }
+}
 
 // Lanes summed in a fixed order.  (Reading lanes through a copy keeps GCC from moving the
 // accumulators of the loop that produced `v` to the stack.)
@@ -174,12 +192,14 @@ const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* sc
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
 // its AVX-512 register saves) cost three times the work on narrow tensors.
 template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_row_total(const TX* x, const TY* y, const TZ* z, int64_t n, Moments<double>& out) {
+NMX_INLINE void add_row_total(const TX* x, const TY* y, const TZ* z, int64_t n, Moments<double>& out, int64_t ahead) {
   Moments<dvec> a;
   zero(a);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= n; i += kLanes) {
+    if (ahead) prefetch_rows<1, HY, HZ>(&x, &y, &z, i + ahead);
     accumulate<HY, HZ>(a, load(x + i), HY ? load(y + i) : dvec{}, HZ ? load(z + i) : dvec{});
+  }
   Moments<double> t;
   for (int m = 0; m < kMoments; ++m) t.m[m] = hsum(a.m[m]);
   for (; i < n; ++i)
@@ -196,9 +216,11 @@ NMX_INLINE int64_t colsum_index(int64_t c, int m) {
 
 // Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
 template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n) {
+NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
+                                int64_t ahead) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
+    if (ahead) prefetch_rows<NR, HY, HZ>(x, y, z, c + ahead);
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
@@ -222,7 +244,7 @@ NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const
 // result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
 template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
 NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
-                              Moments<double>& out0, Moments<double>& out1) {
+                              Moments<double>& out0, Moments<double>& out1, int64_t ahead) {
   Moments<dvec> r0, r1;
   zero(r0);
   zero(r1);
@@ -231,6 +253,7 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
+    if (ahead) prefetch_rows<2, HY, HZ>(x, y, z, c + ahead);
     const dvec x0 = load(x[0] + c), y0 = HY ? load(y[0] + c) : dvec{}, z0 = HZ ? load(z[0] + c) : dvec{};
     accumulate<HY, HZ>(a, x0, y0, z0);
     accumulate<HY, HZ>(r0, x0, y0, z0);
@@ -298,26 +321,30 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
         if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
       }
       if (kFused && e.has_col && e.has_run) {
-        // One pass for both kinds (single segment, column sums from c0), rows in pairs.
+        // One pass for both kinds (single segment, column sums from c0), rows in pairs; the next pair
+        // is prefetched.
+        const int64_t ahead_pair = n <= kPrefetchMaxRow ? 2 * L : 0;
         int q = 0;
         for (; q + 2 <= nr; q += 2)
-          add_columns_and_two_rows<HY, HZ>(cs, xp + q, yp + q, zp + q, n, rt[r + q], rt[r + q + 1]);
+          add_columns_and_two_rows<HY, HZ>(cs, xp + q, yp + q, zp + q, n, rt[r + q], rt[r + q + 1], ahead_pair);
         for (; q < nr; ++q) {
-          add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n);
-          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q]);
+          add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
+          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], 0);
         }
         continue;
       }
+      // Groups of rows prefetch the next group; long rows read alone are left to the hardware.
+      const int64_t ahead = group > 1 && n <= kPrefetchMaxRow ? group * L : 0;
       if (e.has_col) {
         // Items with COL views have a single segment, so the column sums start at column c0.
         if (nr == kRowGroup) {
-          add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n);
+          add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n, ahead);
         } else {
-          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n);
+          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
         }
       }
       if (e.has_run)
-        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q]);
+        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], e.has_col ? 0 : ahead);
     }
   }
 

@@ -15,12 +15,13 @@ namespace nmx {
 at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
                              at::IntArrayRef views) {
   Call call = prepare_call(xs, ys, zs, views);
-  // Items of about a million elements, whole rows wide: reading rows from start to end keeps a few
-  // long sequential streams that the hardware prefetchers follow (narrow tiles, 4 KB of a row then a
-  // jump to the next row, ran at half the memory bandwidth).  Items with COL views keep 72 bytes of
-  // column sums per column and write that many per column as slots, so they are at least 256 rows
-  // tall (slots under 3% of the bytes read).
-  static const PlanConfig config{/*col_width=*/int64_t(1) << 16, /*run_width=*/int64_t(1) << 20,
+  // Items of about a million elements.  Items with COL views are at most 2048 columns wide, so that
+  // their column sums (72 bytes per column) stay in L2: full rows of vgg16_bn's 25088-wide classifier
+  // put 1.8 MB of them in the shared L3, which ran slower and varied with the neighbours' load.  The
+  // rows of such a tile are short, so the kernel prefetches the next rows itself (kernel_impl.h).
+  // They are at least 256 rows tall (slots under 3% of the bytes read).  RUN-only items are whole
+  // rows wide: a few long sequential streams that the hardware prefetchers follow.
+  static const PlanConfig config{/*col_width=*/2048, /*run_width=*/int64_t(1) << 20,
                                  /*item_elems=*/int64_t(1) << 20, /*col_min_rows=*/256};
   std::shared_ptr<const Plan> plan = get_plan(call.numels, call.views, config);
   const Plan& p = *plan;
