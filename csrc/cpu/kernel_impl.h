@@ -149,9 +149,6 @@ constexpr bool moment_used(int m) {
 
 template <typename C>
 void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
-  if constexpr (!std::is_floating_point<C>::value) {
-    return;  // never reached (see as_type); keeps 16-bit instantiations from converting into them
-  } else {
   switch (dtype) {
     case kF32: {
       const float* s = static_cast<const float*>(src) + offset;
@@ -174,7 +171,6 @@ void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
       break;
     }
   }
-  }
 }
 
 // A run of n values of tensor `src` starting at `offset`, as storage type T: in place when the dtype
@@ -183,9 +179,13 @@ void convert(const void* src, int dtype, int64_t offset, int64_t n, C* dst) {
 template <typename T>
 const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* scratch) {
   if (dtype == dtype_code<T>()) return static_cast<const T*>(src) + offset;
-  T* out = static_cast<T*>(scratch);
-  convert(src, dtype, offset, n, out);
-  return out;
+  if constexpr (std::is_floating_point<T>::value) {
+    T* out = static_cast<T*>(scratch);
+    convert(src, dtype, offset, n, out);
+    return out;
+  } else {
+    return nullptr;  // not reached
+  }
 }
 
 // ---- the two reductions ----------------------------------------------------------------------------
