@@ -649,7 +649,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Train a small VGG-style network (conv-BN-ReLU blocks: scale symmetry; ReLU MLP head: "
                      "rescale; softmax classifier: translation) on built-in generated images with SGD, momentum "
                      "and weight decay, track its symmetries, and write a run folder with figures and report.html. "
-                     "No download, no GPU needed: 300 steps take one to two minutes on an idle 2-core CPU.")
+                     "No download, no GPU needed: 300 steps take under a minute on an idle 2-core CPU.")
     _add_common(p, 300)
 
 
