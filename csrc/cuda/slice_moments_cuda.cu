@@ -293,8 +293,12 @@ DeviceTables device_tables(const std::shared_ptr<const Plan>& plan, const at::De
   static std::mutex mutex;
   static std::list<std::tuple<std::shared_ptr<const Plan>, int, DeviceTables>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  for (auto& [p, d, t] : cache)
-    if (p == plan && d == device.index()) return t;
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (std::get<0>(*it) == plan && std::get<1>(*it) == device.index()) {
+      cache.splice(cache.begin(), cache, it);  // least recently used goes first
+      return std::get<2>(cache.front());
+    }
+  }
 
   DeviceTables t;
   std::vector<int64_t> blob, col_ids, run_ids;
