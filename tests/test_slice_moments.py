@@ -47,6 +47,17 @@ def test_matches_reference_cuda():
         assert_close_to_reference(xs, views, ys, zs)
 
 
+@pytest.mark.cuda
+def test_cuda_graph_capture_is_refused():
+    # A captured call would replay with the addresses of the tensors it was captured with.
+    x = torch.randn(8, 8, device="cuda")
+    nmx.slice_moments([x], [[(1, 8, 8)]])  # plan and device tables exist before the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="slice_moments .* cannot run during CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            nmx.slice_moments([x], [[(1, 8, 8)]])
+
+
 def test_rows_are_ordered_by_tensor_view_and_slice(device):
     x = torch.arange(12.0, device=device).view(3, 4)
     out = nmx.slice_moments([x, x[0].clone()], [[(1, 3, 4), (3, 4, 1)], [(1, 4, 1)]])

@@ -12,6 +12,7 @@
 // flight.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -332,6 +333,11 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   Call call = prepare_call(xs, ys, zs, views);
   const at::Device device = xs[0].device();
   const c10::cuda::CUDAGuard guard(device);
+  // Each call uploads its tensors' addresses from a pinned host table: a replayed graph would read
+  // whatever that table holds by then.  Refuse capture rather than replay wrong numbers.
+  at::cuda::assertNotCapturing(
+      "slice_moments (it uploads its tensors' addresses at every call, so a replay would read stale ones) "
+      "cannot run");
   static_assert(kTile == 1024, "PlanConfig.col_width must equal the kernel's tile");
   // Many items keep every multiprocessor busy; items with COL views are at least 256 rows tall so
   // that their per-column slots cost under 3% of the bytes read.
