@@ -49,7 +49,8 @@ compiled = _C is not None
 
 
 def build_info() -> dict:
-    """How this installation was built: version, torch, CUDA kernels and archs, OpenMP, compiled or not."""
+    """How this installation was built: version, torch, CUDA kernels and archs, OpenMP, the CPU kernel
+    chosen for this processor (avx512, avx2 or baseline), compiled or not."""
     from ._version import __version__
 
     info = {"version": __version__, "torch": torch.__version__, "cuda": False, "cuda_arch": [],
@@ -57,7 +58,7 @@ def build_info() -> dict:
     if compiled:
         native = _C.build_info()
         info.update(cuda=bool(native["cuda"]), cuda_arch=list(native["cuda_arch"]),
-                    openmp=bool(native["openmp"]))
+                    openmp=bool(native["openmp"]), cpu_kernel=str(native["cpu_isa"]))
         info["torch_built_against"] = native["torch"]
     else:
         info["load_error"] = str(load_error)

@@ -244,6 +244,30 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
+NARROW_KERNEL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = {paths!r}
+    import neural_mechanics_ext as nmx
+    from conftest import DTYPES
+    from samples import sample_inputs
+    from test_slice_moments import assert_close_to_reference
+    assert nmx.build_info()["cpu_kernel"] == {isa!r}, nmx.build_info()
+    for name, xs, views, ys, zs in sample_inputs("cpu", DTYPES):
+        assert_close_to_reference(xs, views, ys, zs)
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_cpu_kernels_match_reference(isa):
+    # The machine runs its widest kernel; the others are compiled in and must be right too.
+    if nmx.build_info()["cpu_kernel"] != "avx512" and isa == "avx2":
+        pytest.skip("this processor has no AVX-512: its default kernel is tested already")
+    env = dict(os.environ, NMX_CPU_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = NARROW_KERNEL_SCRIPT.format(paths=[here], isa=isa)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
 def test_fallback_path_agrees_with_compiled(tmp_path):
     out = tmp_path / "fallback.pt"
     env = dict(os.environ, NMX_DISABLE_EXTENSION="1")

@@ -86,6 +86,12 @@ NMX_INLINE dvec load(const float* p) {
 #endif
 }
 // 16-bit inputs: the bits of a bfloat16 are the high half of a float's; IEEE halves go through F16C.
+template <typename T>
+NMX_INLINE dvec widen_lanes(const T* p) {  // the baseline: lane by lane
+  dvec d;
+  for (int i = 0; i < kLanes; ++i) d[i] = to_double(p[i]);
+  return d;
+}
 NMX_INLINE dvec load(const bf16_t* p) {
 #if NMX_ISA_LEVEL == 2
   const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
@@ -94,9 +100,7 @@ NMX_INLINE dvec load(const bf16_t* p) {
   const __m128i w = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 16);
   return (dvec)_mm256_cvtps_pd(_mm_castsi128_ps(w));
 #else
-  dvec d;
-  for (int i = 0; i < kLanes; ++i) d[i] = to_double(p[i]);
-  return d;
+  return widen_lanes(p);
 #endif
 }
 NMX_INLINE dvec load(const half_t* p) {
@@ -105,9 +109,7 @@ NMX_INLINE dvec load(const half_t* p) {
 #elif NMX_ISA_LEVEL == 1
   return (dvec)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
-  dvec d;
-  for (int i = 0; i < kLanes; ++i) d[i] = to_double(p[i]);
-  return d;
+  return widen_lanes(p);
 #endif
 }
 NMX_INLINE dvec load(const double* p) {
