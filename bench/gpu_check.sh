@@ -133,7 +133,7 @@ echo
 if [ -f "$OUT/bench/results.json" ]; then
   "$PY" - "$OUT/bench/results.json" <<'EOF'
 import json, sys
-from neural_mechanics_ext.benchmark import compact_summary, evaluate_goals
+from neural_mechanics_ext.bench import compact_summary, evaluate_goals
 results = json.load(open(sys.argv[1]))
 results.setdefault("goals", evaluate_goals(results))
 print(compact_summary(results))

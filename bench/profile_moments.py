@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import neural_mechanics_ext as nmx  # noqa: E402
-from neural_mechanics_ext import benchmark as B  # noqa: E402
+from neural_mechanics_ext import bench as B  # noqa: E402
 
 
 def measure(peers, device, rounds, min_time, baseline=None):

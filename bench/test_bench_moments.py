@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from neural_mechanics_ext import benchmark as B
+from neural_mechanics_ext import bench as B
 
 SET = os.environ.get("NMX_BENCH_SET", "resnet50")
 DEVICE = torch.device(os.environ.get("NMX_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

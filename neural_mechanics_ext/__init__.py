@@ -5,7 +5,7 @@ The public API (DESIGN.md §3); everything else in the package is an implementat
 from ._version import __version__
 from ._backend import build_info
 from .ops import slice_moments
-from .reference import MOMENTS
+from .schema import MOMENTS
 from .symmetry import Rejected, SymmetryFamily, describe, find_symmetries, prove_families
 from .tracker import SymmetryTracker
 from .hessian import hessian_check

@@ -111,21 +111,18 @@ the graph pass 1–1.4.  ``neural-mechanics check`` prints the ratio for a prese
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import ops
 from .plan import MomentPlan
-from .symmetry.family import KINDS, SymmetryFamily
+from .schema import KINDS
+from .symmetry.family import SymmetryFamily
 from .symmetry.prove import _NormWatch, _residuals, plan_moments, validate_families
 
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -552,93 +549,3 @@ def format_report(report: Sequence[Dict[str, Any]]) -> str:
     if notes:
         out += ["notes:"] + notes
     return "\n".join(out)
-
-
-def time_training_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch, *,
-                       repeats: int = 3, lr: float = 1e-3) -> float:
-    """Median wall time of one training step (forward, backward, ``torch.optim.SGD`` step) on ``batch``,
-    on a deep copy of ``model`` (after one warm-up step); the yardstick of a check's cost."""
-    args, kwargs, targets = _split_batch(batch)
-    m = copy.deepcopy(model)
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
-    device = next(m.parameters()).device
-    times = []
-    for i in range(repeats + 1):
-        _sync(device)
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(m(*args, **kwargs), targets).backward()
-        opt.step()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``neural-mechanics check``."""
-    from .models import MODELS
-    parser.add_argument("--model", default="mlp", choices=list(MODELS),
-                        help="model preset of neural_mechanics_ext.models (default: mlp)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--image-size", type=int, default=32, help="input height and width (default 32)")
-    parser.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
-    parser.add_argument("--bn-eps", type=float, help="BatchNorm eps of the preset (default: the preset's, 1e-5)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--family", nargs="+", metavar="NAME",
-                        help="check only the families whose name contains one of these strings")
-    parser.add_argument("--eval", action="store_true", help="check the model in eval mode")
-    parser.add_argument("--tolerance", type=float, help="one tolerance for every family")
-    parser.add_argument("--no-projections", action="store_true", help="skip the H g product and the projections")
-    parser.add_argument("--repeats", type=int, default=3, help="training steps timed for the cost ratio")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def check_main(args: argparse.Namespace) -> int:
-    """``neural-mechanics check``: find the symmetries of a preset, check their Hessian constraints on
-    a random batch, print the table and the cost of the check relative to one training step.  Exit
-    status 1 when a family fails."""
-    from .models import build_model
-    from .symmetry import find_symmetries
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("neural-mechanics check: --device cuda but no CUDA device is available")
-        return 2
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, args.classes, image_size=args.image_size, bn_eps=args.bn_eps)
-    model = model.to(device=device, dtype=dtype)
-    if args.eval:
-        model.eval()
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen, dtype=dtype).to(device)
-    y = torch.randint(args.classes, (args.batch,), generator=gen).to(device)
-    t = time.perf_counter()
-    families = find_symmetries(model, x, loss="cross_entropy", seed=args.seed)
-    found = time.perf_counter() - t
-    if args.family:
-        families = [f for f in families if any(s in f.name for s in args.family)]
-    print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, {device}, "
-          f"{'eval' if args.eval else 'train'} mode), batch {args.batch}×3×{args.image_size}×{args.image_size}: "
-          f"{len(families)} families ({found:.1f} s to find and prove)")
-    if not families:
-        print("nothing to check")
-        return 1 if args.family else 0
-    # the step is timed first: its warm-up step also warms the allocator and kernels for the check
-    step = time_training_step(model, F.cross_entropy, (x, y), repeats=args.repeats)
-    report = hessian_check(model, families, F.cross_entropy, (x, y), tolerance=args.tolerance,
-                           projections=not args.no_projections, seed=args.seed)
-    print(report.table())
-    failed = sum(not r["passed"] for r in report)
-    print(f"{len(report) - failed} of {len(report)} families pass. Check: {report.seconds:.2f} s "
-          f"({report.products} Hessian-vector products by {report.method}, {report.passes} forward/backward "
-          f"pass{'es' if report.passes > 1 else ''}); training step (forward + backward + SGD, median of "
-          f"{args.repeats}): {step:.3f} s; check / step = {report.seconds / step:.1f}")
-    return 1 if failed else 0

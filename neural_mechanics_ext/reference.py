@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 import torch
 
-MOMENTS = ("x", "y", "z", "xx", "yy", "zz", "xy", "xz", "yz")
 
 
 def slice_moments_reference(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import math
 import time
 import warnings
 import weakref
@@ -27,16 +26,14 @@ import numpy as np
 import torch
 
 from .plan import MomentPlan
-from .reference import MOMENTS
+from .schema import COL, PREDICTIONS
 from .symmetry.family import SymmetryFamily
 from .symmetry.residual import constraint_residual
 from .theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
 
-COL = {name: i for i, name in enumerate(MOMENTS)}
 # Columns of a block's group moments: the nine signed moments, then unsigned |θ_A|² and |g_A|² (the
 # magnitudes of rescale groups and the norms of the residual, which the signed sums cannot give).
 UNSIGNED_XX, UNSIGNED_YY = 9, 10
-PREDICTIONS = ("exact", "paper", "modified")
 
 
 @dataclass

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import neural_mechanics_ext as nmx
-from neural_mechanics_ext import benchmark as B
-from neural_mechanics_ext.cli import main
+from neural_mechanics_ext import bench as B
+from neural_mechanics_ext.app.cli import main
 
 
 def test_written_out_shapes_match_torchvision():

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from neural_mechanics_ext.data import batches, generate_images, load_data
-from neural_mechanics_ext.models import MODELS, build_model, demo_net, vgg16, vgg16_bn
+from neural_mechanics_ext.app.data import batches, generate_images, load_data
+from neural_mechanics_ext.app.models import MODELS, build_model, demo_net, vgg16, vgg16_bn
 
 
 # ---- generated data ---------------------------------------------------------------------------------

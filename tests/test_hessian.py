@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import models_zoo as Z  # noqa: E402
 
 import neural_mechanics_ext as nmx  # noqa: E402
-from neural_mechanics_ext import cli  # noqa: E402
+from neural_mechanics_ext.app import cli  # noqa: E402
 from neural_mechanics_ext.hessian import TOLERANCE, hessian_check  # noqa: E402
-from neural_mechanics_ext.models import build_model  # noqa: E402
+from neural_mechanics_ext.app.models import build_model  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 warnings.filterwarnings("ignore", message=".*compiled extension is not available.*")

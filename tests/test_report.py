@@ -13,9 +13,11 @@ import tempfile
 import numpy as np
 import pytest
 
-from neural_mechanics_ext import plot
-from neural_mechanics_ext.report import errors_from_history, fmt, load_run, write_report
-from neural_mechanics_ext.runner import RunConfig, run_training
+from neural_mechanics_ext.app import plot
+from neural_mechanics_ext.app.report import fmt, write_report
+from neural_mechanics_ext.runfolder import load_run
+from neural_mechanics_ext.summary import errors_from_history
+from neural_mechanics_ext.app.runner import RunConfig, run_training
 from neural_mechanics_ext.sinks import read_run
 
 

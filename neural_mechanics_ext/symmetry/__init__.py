@@ -5,9 +5,9 @@ loss), applies the rules of THEORY.md §1.2 to the recorded dataflow, and proves
 gradient constraint of THEORY.md §1.1 before returning it.  ``SymmetryFamily`` + ``prove_families``
 declare and prove families by hand; ``describe`` formats them as a table.
 """
-from .describe import describe
+from .describe import describe, format_members
 from .discover import find_symmetries
 from .family import SymmetryFamily
 from .prove import EXACT_TOLERANCE, Rejected, prove_families
 
-__all__ = ["SymmetryFamily", "find_symmetries", "prove_families", "describe", "Rejected", "EXACT_TOLERANCE"]
+__all__ = ["SymmetryFamily", "find_symmetries", "prove_families", "describe", "format_members", "Rejected", "EXACT_TOLERANCE"]

@@ -5,7 +5,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-KINDS = ("translation", "scale", "rescale")
+from ..schema import KINDS
 
 View = Tuple[int, int, int]
 Member = Tuple[str, View, int]

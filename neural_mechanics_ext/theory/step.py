@@ -24,10 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..reference import MOMENTS
+from ..schema import COL, KINDS, MOMENTS
 
-KINDS = ("translation", "scale", "rescale")
-COL = {name: i for i, name in enumerate(MOMENTS)}  # column index of each moment in M [G, 9]
 
 
 class StepHyper(NamedTuple):

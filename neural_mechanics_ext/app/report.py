@@ -1,7 +1,7 @@
 """``neural-mechanics report RUN_DIR``: the figures (``figures/*.png``) and a self-contained
 ``report.html`` of a run folder, finished or interrupted.
 
-Everything is read from the folder (see :mod:`neural_mechanics_ext.runner` for its files).  When
+Everything is read from the folder (see :mod:`neural_mechanics_ext.runfolder` for its files).  When
 ``summary.json`` is missing (the run was killed, or is still going), the errors and residuals are
 computed from the per-group history in ``groups/*.npz`` instead, with the metric of DESIGN.md §3, and
 the report says so.
@@ -11,101 +11,19 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 
-from .sinks import read_run
+from .. import SymmetryFamily
+from ..schema import PREDICTIONS
+from ..sinks import write_atomically
+from ..symmetry import format_members
+from ..runfolder import load_run
 
-PREDICTIONS = ("exact", "paper", "modified")
-
-
-# ---- reading a run folder --------------------------------------------------------------------------
-def _read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_raw_weights(run_dir: str) -> Optional[Dict[str, np.ndarray]]:
-    """raw_weights.csv as columns (None if absent)."""
-    path = os.path.join(run_dir, "raw_weights.csv")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        header = f.readline().strip().split(",")
-        rows = [line.strip().split(",") for line in f if line.strip()]
-    rows = [r for r in rows if len(r) == len(header)]
-    return {h: np.array([float(r[i]) for r in rows]) for i, h in enumerate(header)}
-
-
-def errors_from_history(history: Dict[str, Dict[str, np.ndarray]], families: List[dict]) -> List[Dict[str, Any]]:
-    """Per family, the summary row computed from the logged history: max relative error of each
-    prediction (max |pred − emp| over logged steps and groups / max magnitude, DESIGN.md §3) and the
-    max constraint residual.  Equals ``tracker.summary()`` when every step was logged (log_every=1)."""
-    rows = []
-    for f in families:
-        h = history.get(f["name"])
-        row = {"family": f["name"], "kind": f["kind"], "groups": f["groups"], "steps": 0,
-               **{f"error_{p}": None for p in PREDICTIONS}, "residual": None, "assumptions": []}
-        if h and len(h.get("step", ())):
-            row["steps"] = int(h["step"][-1]) + 1
-            mag = float(np.nanmax(h["magnitude"]))
-            for p in PREDICTIONS:
-                err = np.abs(h[p] - h["empirical"])
-                if np.isfinite(err).any() and mag > 0:
-                    row[f"error_{p}"] = float(np.nanmax(err)) / mag
-            row["residual"] = float(np.nanmax(h["residual"]))
-            if f.get("note"):
-                row["assumptions"].append(f["note"])
-        rows.append(row)
-    return rows
-
-
-NEAR_ZERO = 1e-4   # a family this much smaller than the largest of its kind holds only rounding noise
-
-
-def add_magnitudes(rows: List[dict], history: Dict[str, Dict[str, np.ndarray]]) -> List[dict]:
-    """Add ``max_magnitude`` (max over logged steps and groups) and ``near_zero`` to each row.
-
-    ``near_zero`` marks a family whose values stay at rounding level, e.g. conv biases in front of
-    BatchNorm initialised at 0: their gradient is zero in exact arithmetic, so they never move, and a
-    relative error (or residual) divides rounding noise by rounding noise, which reads as ~1."""
-    for r in rows:
-        h = history.get(r["family"])
-        mag = h.get("magnitude") if h else None
-        r["max_magnitude"] = float(np.nanmax(np.abs(mag))) if mag is not None and mag.size else None
-    for r in rows:
-        same = [q["max_magnitude"] for q in rows if q["kind"] == r["kind"] and q["max_magnitude"] is not None]
-        r["near_zero"] = bool(r["max_magnitude"] is not None and same and r["max_magnitude"] < NEAR_ZERO * max(same))
-    return rows
-
-
-def load_run(run_dir: str) -> Dict[str, Any]:
-    """Everything a report needs from a run folder; ``summary`` is None for a killed (or running) run, and then
-    ``rows`` (the per-family error table) is computed from the history."""
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"no run folder {run_dir}")
-    config = _read_json(os.path.join(run_dir, "config.json"))
-    families = _read_json(os.path.join(run_dir, "families.json"))
-    if config is None or families is None:
-        raise FileNotFoundError(f"{run_dir} is not a run folder (config.json and families.json are written "
-                                "first by `neural-mechanics demo/train`)")
-    from .runner import read_train_log
-    history = read_run(run_dir)
-    summary = _read_json(os.path.join(run_dir, "summary.json"))
-    rows = summary["families"] if summary else errors_from_history(history, families)
-    if rows and "near_zero" not in rows[0]:
-        add_magnitudes(rows, history)
-    return {"dir": os.path.abspath(run_dir), "config": config, "families": families, "history": history,
-            "summary": summary, "rows": rows, "environment": _read_json(os.path.join(run_dir, "environment.json")),
-            "train_log": read_train_log(run_dir), "raw": _read_json(os.path.join(run_dir, "raw_weights.json")),
-            "raw_values": read_raw_weights(run_dir)}
 
 
 def optimizer_text(config: Dict[str, Any]) -> str:
@@ -218,8 +136,6 @@ def _status(run) -> str:
 
 
 def _families_table(families: List[dict]) -> str:
-    from .symmetry.describe import format_members
-    from .symmetry.family import SymmetryFamily
     out = ['<table id="families"><tr><th>#</th><th>kind</th><th>family</th><th>groups</th><th>members</th>'
            '<th>residual at discovery</th><th>tolerance</th><th>note</th></tr>']
     for i, f in enumerate(families):
@@ -415,7 +331,6 @@ def write_report(run_dir: str) -> str:
                  f"<code>neural-mechanics report {html.escape(run['dir'])}</code>.</p>")
     parts.append("</body></html>")
     path = os.path.join(run["dir"], "report.html")
-    from .sinks import write_atomically
     write_atomically(path, "\n".join(parts).encode())
     return path
 

@@ -290,8 +290,8 @@ def available_bytes(device: torch.device) -> int:
 def make_peer(name: str, inp: Inputs, compile_mode: str = "default") -> Tuple[Callable[[], Any], Dict[str, Any]]:
     """The zero-argument callable that runs peer ``name`` on ``inp``, and facts about its setup
     (``compile_s`` for compiled peers).  Raises PeerFailed with a readable reason."""
-    from . import ops as nmx_ops
-    from .reference import slice_moments_reference
+    from .. import ops as nmx_ops
+    from ..reference import slice_moments_reference
 
     xs, gs, vs, views = inp.xs, inp.gs, inp.vs, inp.pset.views
     info: Dict[str, Any] = {}
@@ -606,13 +606,13 @@ def demo_workload(device, batch: Optional[int] = None) -> Workload:
     Without ``neural_mechanics_ext.models`` (a partial installation) a stand-in CNN of the same kind is
     used and named as such in the results."""
     try:
-        models = importlib.import_module("neural_mechanics_ext.models")
+        models = importlib.import_module("neural_mechanics_ext.app.models")
         make_net, name = models.demo_net, "demo_net"
     except (ImportError, AttributeError):
         make_net, name = standin_net, "stand-in CNN"
     settings = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "flush_every": 25}
     try:
-        from .runner import RunConfig
+        from ..app.runner import RunConfig
         defaults = RunConfig()
         settings = {k: getattr(defaults, k, v) for k, v in settings.items()}
     except Exception:  # the runner is optional here: its defaults are copied above
@@ -690,12 +690,12 @@ def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, b
     (one round = one block of every variant, order rotated per round).  Each block attaches its
     variant's tracker before the clock starts and includes the tracker's ``sync()`` (processing every
     step of the block on the host) before it stops, so no processing escapes the measurement."""
-    from .tracker import SymmetryTracker
+    from ..tracker import SymmetryTracker
 
     families = workload.families
     setup = {}
     if families is None:
-        from .symmetry import find_symmetries
+        from ..symmetry import find_symmetries
         start = time.perf_counter()
         base = workload.make_model()
         families = find_symmetries(base, workload.inputs[:4])
@@ -782,7 +782,7 @@ def _tracked_params(model, families) -> int:
 # ================================================================================== machine information
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """What the numbers were measured on: processor, memory, accelerator, versions, date, load."""
-    from . import _backend
+    from .. import _backend
 
     info: Dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -4,29 +4,16 @@ and leave a run folder that ``neural-mechanics report`` turns into figures and `
 Both commands resolve their options into a :class:`RunConfig` and call :func:`run_training`, which is
 also the Python entry point (``run_training(RunConfig(model="vgg16_bn", data="~/tiny-imagenet-200"))``).
 
-The run folder is written as the run goes, so that an interrupted run (Ctrl-C, a killed job) can still
-be reported on:
-
-    config.json        every setting, resolved (written first)
-    environment.json   versions (python, torch, build_info), CPU/GPU, date, command line
-    families.txt       the table of symmetry families (``describe``); families.json, the same as data
-    metrics.csv, metrics.jsonl, groups/block-*.npz   the tracker's sinks, every flush (+ tensorboard/)
-    train_log.csv      step, epoch, loss, accuracy, lr, step and data-loading seconds (every flush)
-    raw_weights.csv    a few raw weights of one layer per logged step (the paper's Fig. 1, left)
-    summary.json       tracker.summary(), overhead, final loss/accuracy, status (written at the end,
-                       also after Ctrl-C; missing only when the process was killed)
-    figures/*.png, report.html     written at the end by ``report.write_report``
+The run folder's files are listed in :mod:`.runfolder`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import threading
@@ -38,7 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sinks import append_durably, write_atomically
+from .. import SymmetryTracker, find_symmetries
+from ..sinks import run_sinks
+from ..summary import add_magnitudes
+from ..runfolder import RunLog, default_out_dir, write_config, write_families, write_json
+from .timing import sync
 
 # ---- configuration ---------------------------------------------------------------------------------
 # THEORY.md §8: the paper's Tiny ImageNet runs.  The paper sweeps weight decay over {0, 1e-4, 5e-4,
@@ -119,62 +110,6 @@ class RunConfig:
         return c
 
 
-def default_out_dir(command: str) -> str:
-    return os.path.join("runs", f"{command}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
-def _json_safe(x):
-    """NaN/inf → None and numpy scalars → Python numbers, so the files are strict JSON."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def write_json(path: str, obj) -> None:
-    """Strict JSON, written atomically (a reader never sees half a file)."""
-    write_atomically(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
-
-
-def environment() -> Dict[str, Any]:
-    """Versions and hardware, for environment.json and the report."""
-    from . import build_info
-    env: Dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command_line": " ".join(["neural-mechanics"] + sys.argv[1:]) if sys.argv and "neural" in sys.argv[0] else None,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "numpy": np.__version__, "neural_mechanics_ext": build_info(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    for mod in ("torchvision", "matplotlib"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except ImportError:
-            env[mod] = None
-    if torch.cuda.is_available():
-        env["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def make_optimizer(model: torch.nn.Module, c: RunConfig) -> torch.optim.SGD:
     """SGD with coupled weight decay on every parameter, as the paper trains (THEORY §8)."""
     return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, dampening=c.dampening,
@@ -219,11 +154,6 @@ class Stepper:
         return loss.detach(), (out.detach().argmax(1) == y).sum()
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[str, Any]:
     """Measure the tracker's cost directly: two copies of the model take the same steps, one with a
     tracker and one without, alternating step by step so that load from other processes hits both
@@ -231,7 +161,6 @@ def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[
     the overhead.  The tracked copy's host-side processing (``tracker.sync()`` at the end, timed on
     its own) is spread over its steps.  The real model is not touched and the global RNG is restored.
     Returns per-step seconds (medians), the overhead in percent and the quartiles of the pair ratios."""
-    from .tracker import SymmetryTracker
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
@@ -242,7 +171,7 @@ def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[
         for x, y in batch_list[:2]:  # warm-up: allocations, momentum buffers, first-call costs
             run_plain(x, y), run_tracked(x, y)
         tracker.sync()
-        _sync(device)
+        sync(device)
         t_plain, t_tracked = [], []
         for i, (x, y) in enumerate(batch_list[2:]):
             # alternate which copy goes first, so neither always follows the other's cache effects
@@ -251,7 +180,7 @@ def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[
             for times, run in order:
                 start = time.perf_counter()
                 run(x, y)
-                _sync(device)
+                sync(device)
                 times.append(time.perf_counter() - start)
         start = time.perf_counter()
         tracker.sync()
@@ -284,53 +213,6 @@ def pick_raw_weights(model, families, count: int, seed: int):
     return None
 
 
-class RunLog:
-    """train_log.csv and raw_weights.csv, appended in blocks (same durability as the tracker's sinks)."""
-
-    FIELDS = ["step", "epoch", "loss", "accuracy", "lr", "step_seconds", "data_seconds"]
-
-    def __init__(self, run_dir: str, raw: Optional[dict]):
-        self.path = os.path.join(run_dir, "train_log.csv")
-        self.raw_path = os.path.join(run_dir, "raw_weights.csv")
-        self.rows: List[list] = []
-        self.raw_rows: List[list] = []
-        append_durably(self.path, (",".join(self.FIELDS) + "\n").encode())
-        if raw:
-            append_durably(self.raw_path, (",".join(["step"] + [f"w{i}" for i in raw["indices"]]) + "\n").encode())
-
-    def add(self, row: list, raw_values: Optional[torch.Tensor]):
-        self.rows.append(row)
-        if raw_values is not None:
-            self.raw_rows.append([row[0], raw_values])
-
-    def flush(self):
-        if self.rows:
-            append_durably(self.path, "".join(",".join(_fmt(v) for v in r) + "\n" for r in self.rows).encode())
-            self.rows = []
-        if self.raw_rows:
-            values = torch.stack([v for _, v in self.raw_rows]).double().cpu().tolist()  # one sync per block
-            text = "".join(",".join([str(s)] + [repr(x) for x in vals]) + "\n"
-                           for (s, _), vals in zip(self.raw_rows, values))
-            append_durably(self.raw_path, text.encode())
-            self.raw_rows = []
-
-
-def _fmt(v) -> str:
-    return str(v) if isinstance(v, int) else repr(float(v))
-
-
-def read_train_log(run_dir: str) -> Dict[str, np.ndarray]:
-    """train_log.csv as columns (empty dict if absent)."""
-    path = os.path.join(run_dir, "train_log.csv")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        header = f.readline().strip().split(",")
-        rows = [line.strip().split(",") for line in f if line.strip()]
-    rows = [r for r in rows if len(r) == len(header)]
-    return {h: np.array([float(r[i]) for r in rows]) for i, h in enumerate(header)}
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = None,
                  log: Callable[[str], None] = print) -> str:
@@ -343,10 +225,6 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
     """
     from .data import batches, load_data
     from .models import build_model
-    from .report import add_magnitudes
-    from .sinks import run_sinks
-    from .symmetry import describe, find_symmetries
-    from .tracker import SymmetryTracker
 
     t0 = time.perf_counter()
     c = config.resolved()
@@ -377,8 +255,7 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
         raise FileExistsError(f"{run_dir} already holds a run (metrics.csv); choose another --out")
     os.makedirs(run_dir, exist_ok=True)
     c.out = run_dir
-    write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(c))
-    write_json(os.path.join(run_dir, "environment.json"), environment())
+    write_config(run_dir, dataclasses.asdict(c))
     params = sum(p.numel() for p in model.parameters())
     log(f"{c.model}: {params / 1e6:.2f} M parameters; data {spec.name} ({len(spec.train)} training images, "
         f"{spec.num_classes} classes, {spec.image_size}×{spec.image_size}); {total} steps on {device}"
@@ -394,12 +271,7 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
     example = to_device(next(batches(spec, min(8, len(spec.train)), c.seed + 1, 0)))[0]
     families = find_symmetries(model, example)
     discovery_s = time.perf_counter() - td
-    with open(os.path.join(run_dir, "families.txt"), "w") as f:
-        f.write(describe(families) + "\n")
-    write_json(os.path.join(run_dir, "families.json"), [
-        {"name": fam.name, "kind": fam.kind, "groups": fam.num_groups, "layer": fam.layer,
-         "members": [[n, list(v), s] for n, v, s in fam.members], "residual": fam.residual,
-         "tolerance": fam.tolerance, "note": fam.note} for fam in families])
+    write_families(run_dir, families)
     kinds = {k: sum(f.kind == k for f in families) for k in ("scale", "rescale", "translation")}
     log(f"symmetry discovery: {len(families)} families ({', '.join(f'{n} {k}' for k, n in kinds.items())}) "
         f"in {discovery_s:.1f} s")
