@@ -214,6 +214,34 @@ def pick_raw_weights(model, families, count: int, seed: int):
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What the phases of one run share: settings, data, model and the run folder."""
+    c: RunConfig
+    spec: Any
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    steps_per_epoch: int
+    by_epochs: bool
+    run_dir: str = ""
+
+    def to_device(self, batch):
+        x, y = batch
+        return (x.to(device=self.device, dtype=self.dtype, non_blocking=True),
+                y.to(self.device, non_blocking=True))
+
+
+@dataclass
+class _Outcome:
+    """What the training loop leaves: how it ended and its per-step losses and accuracies."""
+    status: str = "finished"
+    steps: int = 0
+    train_seconds: float = 0.0
+    losses: List[float] = field(default_factory=list)
+    accuracies: List[float] = field(default_factory=list)
+
+
 def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = None,
                  log: Callable[[str], None] = print) -> str:
     """Train with a SymmetryTracker attached and write the run folder; returns its path.
@@ -223,10 +251,39 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
     report, then propagates.  Raises FileNotFoundError/ValueError for bad data or model names before
     anything is trained.
     """
-    from .data import batches, load_data
+    t0 = time.perf_counter()
+    run = _prepare(config, log)
+    run.run_dir = _open_run_folder(run, log)
+    families, discovery_s = _discover(run, log)
+    c = run.c
+    opt = make_optimizer(run.model, c)
+    sched = make_schedule(opt, c, c.steps, run.steps_per_epoch, run.by_epochs)
+    overhead_direct = _calibrate(run, families) if c.calibrate_steps > 0 else None
+    # The tracker's standard run-folder sinks (what out_dir=run_dir gives), with TensorBoard only on
+    # request: one add_scalar per family, field and step costs more than the tracking on a small CPU run.
+    tracker = SymmetryTracker(run.model, opt, families=families,
+                              sinks=run_sinks(run.run_dir, tensorboard=c.tensorboard),
+                              log_every=c.log_every, flush_every=c.flush_every, hook=c.hook)
+    out = _train(run, opt, sched, tracker, families, on_step, log)
+    summary = _summarise(run, tracker, out, discovery_s, overhead_direct, t0)
+    write_json(os.path.join(run.run_dir, "summary.json"), summary)
+    if c.report:
+        from .report import write_report
+        t1 = time.perf_counter()
+        write_report(run.run_dir)
+        summary["seconds"]["report"] = time.perf_counter() - t1
+        summary["seconds"]["wall"] = time.perf_counter() - t0
+        write_json(os.path.join(run.run_dir, "summary.json"), summary)
+    if out.status == "interrupted":
+        raise KeyboardInterrupt(run.run_dir)
+    return run.run_dir
+
+
+def _prepare(config: RunConfig, log: Callable[[str], None]) -> _Run:
+    """Resolve the settings, load the data and build the model (nothing is written yet)."""
+    from .data import load_data
     from .models import build_model
 
-    t0 = time.perf_counter()
     c = config.resolved()
     if c.preset and c.data == "generated":
         log(f"preset {c.preset} on generated data: a smoke test, not the paper's experiment")
@@ -246,73 +303,76 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
     by_epochs = c.steps is None and c.epochs is not None
     if c.steps is None:
         c.steps = int(round(c.epochs * steps_per_epoch)) if c.epochs is not None else 300
-    total = c.steps
     if c.log_every is None:
-        c.log_every = max(1, total // 1000)   # bounds history and figures for long runs
+        c.log_every = max(1, c.steps // 1000)   # bounds history and figures for long runs
+    return _Run(c, spec, model, device, dtype, steps_per_epoch, by_epochs)
 
+
+def _open_run_folder(run: _Run, log: Callable[[str], None]) -> str:
+    """Create the run folder (refusing one that holds a run) and write its first files."""
+    c = run.c
     run_dir = os.path.abspath(c.out or default_out_dir(c.command))
     if os.path.exists(os.path.join(run_dir, "metrics.csv")):
         raise FileExistsError(f"{run_dir} already holds a run (metrics.csv); choose another --out")
-    os.makedirs(run_dir, exist_ok=True)
     c.out = run_dir
     write_config(run_dir, dataclasses.asdict(c))
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in run.model.parameters())
+    spec = run.spec
     log(f"{c.model}: {params / 1e6:.2f} M parameters; data {spec.name} ({len(spec.train)} training images, "
-        f"{spec.num_classes} classes, {spec.image_size}×{spec.image_size}); {total} steps on {device}"
+        f"{spec.num_classes} classes, {spec.image_size}×{spec.image_size}); {c.steps} steps on {run.device}"
         + (" in float64 (--exact)" if c.exact else ""))
+    return run_dir
 
-    def to_device(batch):
-        x, y = batch
-        return x.to(device=device, dtype=dtype, non_blocking=True), y.to(device, non_blocking=True)
 
-    train_iter = batches(spec, c.batch_size, c.seed, c.workers, pin_memory=device.type == "cuda")
+def _discover(run: _Run, log: Callable[[str], None]):
+    """Find and prove the model's families on a few samples (in float64, on a copy) and write them."""
+    from .data import batches
     td = time.perf_counter()
-    # A few samples suffice for discovery (it proves every family on them, in float64, on a copy).
-    example = to_device(next(batches(spec, min(8, len(spec.train)), c.seed + 1, 0)))[0]
-    families = find_symmetries(model, example)
+    example = run.to_device(next(batches(run.spec, min(8, len(run.spec.train)), run.c.seed + 1, 0)))[0]
+    families = find_symmetries(run.model, example)
     discovery_s = time.perf_counter() - td
-    write_families(run_dir, families)
+    write_families(run.run_dir, families)
     kinds = {k: sum(f.kind == k for f in families) for k in ("scale", "rescale", "translation")}
     log(f"symmetry discovery: {len(families)} families ({', '.join(f'{n} {k}' for k, n in kinds.items())}) "
         f"in {discovery_s:.1f} s")
+    return families, discovery_s
 
-    opt = make_optimizer(model, c)
-    sched = make_schedule(opt, c, total, steps_per_epoch, by_epochs)
 
-    overhead_direct = None
-    if c.calibrate_steps > 0:
-        calib_iter = batches(spec, c.batch_size, c.seed + 2, 0 if c.data == "generated" else c.workers)
-        batch_list = [to_device(next(calib_iter)) for _ in range(c.calibrate_steps + 2)]
-        try:
-            overhead_direct = measure_overhead(model, c, families, batch_list, device)
-        except RuntimeError as exc:  # e.g. out of memory for two extra copies: the run goes on
-            overhead_direct = {"error": str(exc)}
-        del batch_list, calib_iter
+def _calibrate(run: _Run, families) -> Dict[str, Any]:
+    """The tracker's overhead measured directly on a few batches of the run's own data."""
+    from .data import batches
+    c = run.c
+    calib_iter = batches(run.spec, c.batch_size, c.seed + 2, 0 if c.data == "generated" else c.workers)
+    batch_list = [run.to_device(next(calib_iter)) for _ in range(c.calibrate_steps + 2)]
+    try:
+        return measure_overhead(run.model, c, families, batch_list, run.device)
+    except RuntimeError as exc:  # e.g. out of memory for two extra copies: the run goes on
+        return {"error": str(exc)}
 
-    # The tracker's standard run-folder sinks (what out_dir=run_dir gives), with TensorBoard only on
-    # request: one add_scalar per family, field and step costs more than the tracking on a small CPU run.
-    tracker = SymmetryTracker(model, opt, families=families, sinks=run_sinks(run_dir, tensorboard=c.tensorboard),
-                              log_every=c.log_every,
-                              flush_every=c.flush_every, hook=c.hook)
+
+def _train(run: _Run, opt, sched, tracker, families, on_step, log) -> _Outcome:
+    """The training loop: steps until done or interrupted (Ctrl-C, SIGTERM), logging as it goes; the
+    tracker is closed (its last block processed and written) however the loop ends."""
+    from .data import batches
+    c, model = run.c, run.model
     raw = pick_raw_weights(model, families, c.raw_weights, c.seed)
     if raw:
-        write_json(os.path.join(run_dir, "raw_weights.json"), raw)
+        write_json(os.path.join(run.run_dir, "raw_weights.json"), raw)
         raw_param = dict(model.named_parameters())[raw["param"]]
-        raw_index = torch.tensor(raw["indices"], device=device)
-    runlog = RunLog(run_dir, raw)
-    stepper = Stepper(model, opt, device, c.amp)
-
-    status, step, train_s = "finished", 0, 0.0
-    losses, accs = [], []
-    bar = _progress(total, c.progress)
+        raw_index = torch.tensor(raw["indices"], device=run.device)
+    runlog = RunLog(run.run_dir, raw)
+    stepper = Stepper(model, opt, run.device, c.amp)
+    train_iter = batches(run.spec, c.batch_size, c.seed, c.workers, pin_memory=run.device.type == "cuda")
+    out = _Outcome()
+    bar = _progress(c.steps, c.progress)
     model.train()
     with GracefulInterrupt(log) as interrupt:
         try:
-            while step < total:
+            while out.steps < c.steps:
                 if interrupt.requested:
                     raise KeyboardInterrupt
                 d0 = time.perf_counter()
-                x, y = to_device(next(train_iter))
+                x, y = run.to_device(next(train_iter))
                 s0 = time.perf_counter()
                 raw_values = raw_param.detach().reshape(-1)[raw_index].clone() if raw else None
                 lr = opt.param_groups[0]["lr"]
@@ -321,64 +381,63 @@ def run_training(config: RunConfig, on_step: Optional[Callable[[int], None]] = N
                 s1 = time.perf_counter()
                 if sched is not None:
                     sched.step()
-                train_s += s1 - s0
-                if step % c.log_every == 0:
-                    runlog.add([step, step / steps_per_epoch, loss, acc, lr, s1 - s0, s0 - d0], raw_values)
-                losses.append(loss)
-                accs.append(acc)
-                step += 1
-                if step % c.flush_every == 0:
+                out.train_seconds += s1 - s0
+                if out.steps % c.log_every == 0:
+                    runlog.add([out.steps, out.steps / run.steps_per_epoch, loss, acc, lr, s1 - s0, s0 - d0],
+                               raw_values)
+                out.losses.append(loss)
+                out.accuracies.append(acc)
+                out.steps += 1
+                if out.steps % c.flush_every == 0:
                     runlog.flush()
                 if bar is not None:
                     bar.update(1)
-                    if step % 5 == 0 or step == total:
-                        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", acc=f"{np.mean(accs[-10:]):.2f}")
+                    if out.steps % 5 == 0 or out.steps == c.steps:
+                        bar.set_postfix(loss=f"{np.mean(out.losses[-10:]):.3f}",
+                                        acc=f"{np.mean(out.accuracies[-10:]):.2f}")
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at step {step - 1}; lower --lr")
+                    raise FloatingPointError(f"the loss became {loss} at step {out.steps - 1}; lower --lr")
                 if on_step is not None:
-                    on_step(step)
+                    on_step(out.steps)
         except KeyboardInterrupt:
-            status = "interrupted"
+            out.status = "interrupted"
         except Exception:
             # Ctrl-C also reaches DataLoader workers, which then exit: the batch being fetched fails
             if not interrupt.requested:
                 raise
-            status = "interrupted"
+            out.status = "interrupted"
         finally:
             if bar is not None:
                 bar.close()
             runlog.flush()
             tracker.close()   # processes and writes what the tracker still holds
+    return out
 
+
+def _summarise(run: _Run, tracker, out: _Outcome, discovery_s: float, overhead_direct, t0: float) -> Dict[str, Any]:
+    """summary.json: how the run ended, losses and accuracies, timings, overhead, the family table."""
     test_acc = None
-    if status == "finished" and spec.test is not None:
-        test_acc = evaluate(model, spec, c, to_device)
+    if out.status == "finished" and run.spec.test is not None:
+        test_acc = evaluate(run.model, run.spec, run.c, run.to_device)
     tracker_s = tracker.timing["hook_seconds"] + tracker.timing["process_seconds"]
-    summary = {
-        "status": status, "steps": tracker.step, "total_steps": total, "epochs": step / steps_per_epoch,
+    losses, accs = out.losses, out.accuracies
+    return {
+        "status": out.status, "steps": tracker.step, "total_steps": run.c.steps,
+        "epochs": out.steps / run.steps_per_epoch,
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
         "final_train_accuracy": float(np.mean(accs[-10:])) if accs else None,
         "initial_loss": float(np.mean(losses[:5])) if losses else None,
         "test_accuracy": test_acc,
-        "seconds": {"discovery": discovery_s, "training_steps": train_s, "wall": time.perf_counter() - t0},
+        "seconds": {"discovery": discovery_s, "training_steps": out.train_seconds,
+                    "wall": time.perf_counter() - t0},
         "overhead": {
             "timers": {"hook_seconds": tracker.timing["hook_seconds"],
-                       "process_seconds": tracker.timing["process_seconds"], "train_step_seconds": train_s,
-                       "percent": 100 * tracker_s / max(train_s - tracker_s, 1e-12)},
+                       "process_seconds": tracker.timing["process_seconds"],
+                       "train_step_seconds": out.train_seconds,
+                       "percent": 100 * tracker_s / max(out.train_seconds - tracker_s, 1e-12)},
             "direct": overhead_direct},
         "families": add_magnitudes(tracker.summary(), tracker.history()),
     }
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-    if c.report:
-        from .report import write_report
-        t1 = time.perf_counter()
-        write_report(run_dir)
-        summary["seconds"]["report"] = time.perf_counter() - t1
-        summary["seconds"]["wall"] = time.perf_counter() - t0
-        write_json(os.path.join(run_dir, "summary.json"), summary)
-    if status == "interrupted":
-        raise KeyboardInterrupt(run_dir)
-    return run_dir
 
 
 def evaluate(model, spec, c: RunConfig, to_device) -> Optional[float]:
