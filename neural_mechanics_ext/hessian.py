@@ -112,6 +112,7 @@ the graph pass 1–1.4.  ``neural-mechanics check`` prints the ratio for a prese
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -209,73 +210,116 @@ def hessian_check(model: nn.Module, families: Optional[Sequence[SymmetryFamily]]
     report = HessianReport()
     if not families:
         return report
-    validate_families(model, families)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    trainable = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
-    used = list({id(named[n]): named[n] for f in families for n in f.param_names}.values())
-    dtypes, devices = {p.dtype for p in used}, {p.device for p in used}
-    if len(devices) != 1:
-        raise ValueError(f"hessian_check: the families' parameters are on several devices {sorted(map(str, devices))}")
-    if len(dtypes) != 1 or next(iter(dtypes)) not in TOLERANCE:
-        raise TypeError(f"hessian_check: needs float32 or float64 parameters, got {sorted(map(str, dtypes))}; "
-                        f"check a float32 copy (copy.deepcopy(model).float()) of a half-precision model")
-    dtype, device = dtypes.pop(), devices.pop()
-    tol = float(tolerance) if tolerance is not None else TOLERANCE[dtype]
-
-    by_kind = {k: [f for f in families if f.kind == k] for k in KINDS}
-    kinds = [k for k in KINDS if by_kind[k]]
-    plans = {k: MomentPlan(by_kind[k], named).to(device) for k in kinds}
-    gen = torch.Generator().manual_seed(seed)
-    coeffs = {k: _draw_coefficients(plans[k].num_groups, gen) for k in kinds}
-
-    # -- products: one per kind on the model's graph, the scale kind again with eps → 0, H g
-    graph = _Graph(model, args, kwargs, targets, loss_fn, trainable, seed, eps_limit=False)
+    ck = _Check(model, families, tolerance, seed)
+    graph = _Graph(model, args, kwargs, targets, loss_fn, ck.trainable, seed, eps_limit=False)
     graphs = {"model": graph}
-    if "scale" in kinds and graph.normalisers:
-        graphs["limit"] = _Graph(model, args, kwargs, targets, loss_fn, trainable, seed, eps_limit=True)
-    verdict_graph = {k: "limit" if (k == "scale" and "limit" in graphs) else "model" for k in kinds}
-    entries: List[_Entry] = []
-    for k in kinds:
-        entries.append(_kind_entry(("model", k), graph, plans[k], named, k, coeffs[k]))
-    if "limit" in graphs:
-        entries.append(_kind_entry(("limit", "scale"), graphs["limit"], plans["scale"], named, "scale",
-                                   coeffs["scale"]))
+    if "scale" in ck.kinds and graph.normalisers:
+        graphs["limit"] = _Graph(model, args, kwargs, targets, loss_fn, ck.trainable, seed, eps_limit=True)
+    ck.verdict_graph = {k: "limit" if (k == "scale" and "limit" in graphs) else "model" for k in ck.kinds}
+    moments, floors, products, plan_p = _products(ck, graphs, projections)
+    per_family: Dict[int, Dict[str, Any]] = {id(f): {"isolated": False} for f in families}
+    _kind_results(ck, moments, floors, per_family)
     if projections:
-        plan_p = MomentPlan(families, named).to(device)
+        _projection_results(plan_p, moments[("projection", None)], floors, per_family)
+    if isolate:
+        products += _isolate(ck, graphs, floors, per_family)
+    for g in graphs.values():
+        g.release()
+
+    for f in families:
+        report.append(_verdict(f, per_family[id(f)], ck.tol))
+    if ck.device.type == "cuda":
+        torch.cuda.synchronize(ck.device)
+    report.seconds = time.perf_counter() - start
+    report.products, report.passes = products, len(graphs)
+    report.dtype, report.device, report.normalisers = ck.dtype, ck.device, graph.normalisers
+    return report
+
+
+class _Check:
+    """What the phases of one check share: the families by kind, their plans and random coefficients."""
+
+    def __init__(self, model, families, tolerance, seed):
+        validate_families(model, families)
+        self.named = dict(model.named_parameters(remove_duplicate=False))
+        self.trainable = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+        used = list({id(self.named[n]): self.named[n] for f in families for n in f.param_names}.values())
+        dtypes, devices = {p.dtype for p in used}, {p.device for p in used}
+        if len(devices) != 1:
+            raise ValueError(f"hessian_check: the families' parameters are on several devices "
+                             f"{sorted(map(str, devices))}")
+        if len(dtypes) != 1 or next(iter(dtypes)) not in TOLERANCE:
+            raise TypeError(f"hessian_check: needs float32 or float64 parameters, got {sorted(map(str, dtypes))}; "
+                            f"check a float32 copy (copy.deepcopy(model).float()) of a half-precision model")
+        self.families = families
+        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.tol = float(tolerance) if tolerance is not None else TOLERANCE[self.dtype]
+        self.by_kind = {k: [f for f in families if f.kind == k] for k in KINDS}
+        self.kinds = [k for k in KINDS if self.by_kind[k]]
+        self.plans = {k: MomentPlan(self.by_kind[k], self.named).to(self.device) for k in self.kinds}
+        gen = torch.Generator().manual_seed(seed)
+        self.coeffs = {k: _draw_coefficients(self.plans[k].num_groups, gen) for k in self.kinds}
+        self.verdict_graph: Dict[str, str] = {}
+
+
+@dataclass
+class _Floors:
+    """Mean squared θ, g (and H g) over the trainable parameters: the scale of a residual's denominator."""
+    theta_bar2: float = float("nan")
+    g_bar2: float = float("nan")
+    hg_bar2: float = float("nan")
+
+
+def _products(ck: _Check, graphs, projections: bool):
+    """One Hessian-vector product per kind (the scale kind again with eps → 0), H g for the
+    projections, and the floors, all reduced in one fused call."""
+    graph = graphs["model"]
+    entries: List[_Entry] = [_kind_entry(("model", k), graph, ck.plans[k], ck.named, k, ck.coeffs[k])
+                             for k in ck.kinds]
+    if "limit" in graphs:
+        entries.append(_kind_entry(("limit", "scale"), graphs["limit"], ck.plans["scale"], ck.named, "scale",
+                                   ck.coeffs["scale"]))
+    plan_p = None
+    if projections:
+        plan_p = MomentPlan(ck.families, ck.named).to(ck.device)
         gs = [graph.g(p) for p in plan_p.params]
         entries.append(_Entry(("projection", None), plan_p, graph.hvp(plan_p.params, gs), list(plan_p.params), gs))
     products = len(entries)
-    whole = [[(1, 1, p.numel())] for p in trainable]
-    floors = [_Entry(("floors", None), None, list(trainable), [graph.g(p) for p in trainable],
-                     [None] * len(trainable), views=whole)]
+    whole = [[(1, 1, p.numel())] for p in ck.trainable]
+    tails = [_Entry(("floors", None), None, list(ck.trainable), [graph.g(p) for p in ck.trainable],
+                    [None] * len(ck.trainable), views=whole)]
     if projections:
-        floors.append(_Entry(("hg floor", None), None, entries[-1].xs, entries[-1].ys, [None] * len(entries[-1].xs),
-                             views=[[(1, 1, p.numel())] for p in plan_p.params]))
-    moments = _reduce(entries + floors)
+        tails.append(_Entry(("hg floor", None), None, entries[-1].xs, entries[-1].ys, [None] * len(entries[-1].xs),
+                            views=[[(1, 1, p.numel())] for p in plan_p.params]))
+    moments = _reduce(entries + tails)
+    floors = _Floors()
     tail = moments.pop(("floors", None))
-    count = max(sum(p.numel() for p in trainable), 1)
-    theta_bar2, g_bar2 = float(tail[:, XX].sum()) / count, float(tail[:, YY].sum()) / count
+    count = max(sum(p.numel() for p in ck.trainable), 1)
+    floors.theta_bar2, floors.g_bar2 = float(tail[:, XX].sum()) / count, float(tail[:, YY].sum()) / count
     if projections:
         tail = moments.pop(("hg floor", None))
-        hg_bar2 = float(tail[:, XX].sum()) / max(sum(p.numel() for p in plan_p.params), 1)
+        floors.hg_bar2 = float(tail[:, XX].sum()) / max(sum(p.numel() for p in plan_p.params), 1)
+    return moments, floors, products, plan_p
 
-    # -- per family numbers
-    per_family: Dict[int, Dict[str, Any]] = {id(f): {"isolated": False} for f in families}
-    for k in kinds:
-        plan = plans[k]
+
+def _kind_results(ck: _Check, moments, floors: _Floors, per_family) -> None:
+    """Per family: residuals, curvatures and the gradient residual on this batch."""
+    for k in ck.kinds:
+        plan = ck.plans[k]
         s, u = moments[("model", k)]
         n = plan.counts.to(s.device)
-        res, curv_m, curv_a = _kind_numbers(k, s, u, n, g_bar2, theta_bar2, coeffs[k].to(s.device))
-        grad_res = _residuals(plan.families, plan, s, u, n, g_bar2, (Z, ZZ, XZ))
+        coeff = ck.coeffs[k].to(s.device)
+        res, curv_m, curv_a = _kind_numbers(k, s, u, n, floors.g_bar2, floors.theta_bar2, coeff)
+        grad_res = _residuals(plan.families, plan, s, u, n, floors.g_bar2, (Z, ZZ, XZ))
         res0 = None
-        if verdict_graph[k] == "limit":
+        if ck.verdict_graph[k] == "limit":
             # floors from the model's pass: with eps → 0 a dead channel's gradient explodes (see prove.py)
             s0, u0 = moments[("limit", k)]
-            res0 = _kind_numbers(k, s0, u0, n, g_bar2, theta_bar2, coeffs[k].to(s.device))[0]
+            res0 = _kind_numbers(k, s0, u0, n, floors.g_bar2, floors.theta_bar2, coeff)[0]
         for i, f in enumerate(plan.families):
             sl = slice(plan.offsets[i], plan.offsets[i] + f.num_groups)
             d = per_family[id(f)]
-            d["coefficients"] = coeffs[k][sl].numpy()
+            d["coefficients"] = ck.coeffs[k][sl].numpy()
             d["curvature"] = {"measured": curv_m[sl].cpu().numpy(), "analytic": curv_a[sl].cpu().numpy()}
             d["gradient_residual"] = float(grad_res[i].max()) if f.num_groups else 0.0
             if res0 is None:
@@ -285,52 +329,47 @@ def hessian_check(model: nn.Module, families: Optional[Sequence[SymmetryFamily]]
                 d["residuals"] = res0[sl].cpu().numpy()
                 d["residuals_model_eps"] = res[sl].cpu().numpy()
                 d["max_residual_model_eps"] = float(res[sl].max()) if f.num_groups else 0.0
-    if projections:
-        plan_p = entries[-1].plan
-        s, u = moments[("projection", None)]
-        n = plan_p.counts.to(s.device)
-        for i, f in enumerate(plan_p.families):
-            sl = slice(plan_p.offsets[i], plan_p.offsets[i] + f.num_groups)
-            meas, ana, err, gcurv = _projection_numbers(f.kind, s[sl], u[sl], n[sl], g_bar2, theta_bar2, hg_bar2)
-            d = per_family[id(f)]
-            d["projection"] = {"measured": meas.cpu().numpy(), "analytic": ana.cpu().numpy(),
-                               "error": err.cpu().numpy()}
-            d["max_projection_error"] = float(err.max()) if err.numel() else 0.0
-            d["gradient_curvature"] = gcurv.cpu().numpy()
 
-    # -- isolation: a failing family of a kind with several families is measured alone
-    if isolate:
-        alone = []
-        for k in kinds:
-            if len(by_kind[k]) < 2:
-                continue
-            for i, f in enumerate(plans[k].families):
-                if not (per_family[id(f)]["residuals"] <= tol).all():
-                    sub = MomentPlan([f], named).to(device)
-                    w = coeffs[k][plans[k].offsets[i]:plans[k].offsets[i] + f.num_groups]
-                    alone.append((f, w, _kind_entry((id(f), k), graphs[verdict_graph[k]], sub, named, k, w)))
-        if alone:
-            products += len(alone)
-            moments = _reduce([e for _, _, e in alone])
-            for f, w, e in alone:
-                s, u = moments[e.key]
-                n = e.plan.counts.to(s.device)
-                res, curv_m, curv_a = _kind_numbers(f.kind, s, u, n, g_bar2, theta_bar2, w.to(s.device))
-                d = per_family[id(f)]
-                d["residuals"], d["isolated"] = res.cpu().numpy(), True
-                if verdict_graph[f.kind] == "model":
-                    d["curvature"] = {"measured": curv_m.cpu().numpy(), "analytic": curv_a.cpu().numpy()}
-    for g in graphs.values():
-        g.release()
 
-    for f in families:
-        report.append(_verdict(f, per_family[id(f)], tol))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    report.seconds = time.perf_counter() - start
-    report.products, report.passes = products, len(graphs)
-    report.dtype, report.device, report.normalisers = dtype, device, graph.normalisers
-    return report
+def _projection_results(plan_p: MomentPlan, moments, floors: _Floors, per_family) -> None:
+    """Per family: the projections of H g along the generators (THEORY.md §3(b)), measured and analytic."""
+    s, u = moments
+    n = plan_p.counts.to(s.device)
+    for i, f in enumerate(plan_p.families):
+        sl = slice(plan_p.offsets[i], plan_p.offsets[i] + f.num_groups)
+        meas, ana, err, gcurv = _projection_numbers(f.kind, s[sl], u[sl], n[sl], floors.g_bar2, floors.theta_bar2,
+                                                    floors.hg_bar2)
+        d = per_family[id(f)]
+        d["projection"] = {"measured": meas.cpu().numpy(), "analytic": ana.cpu().numpy(),
+                           "error": err.cpu().numpy()}
+        d["max_projection_error"] = float(err.max()) if err.numel() else 0.0
+        d["gradient_curvature"] = gcurv.cpu().numpy()
+
+
+def _isolate(ck: _Check, graphs, floors: _Floors, per_family) -> int:
+    """A failing family of a kind with several families is measured alone: H spreads a false family's
+    violation over the other groups of its kind.  Returns the number of extra products."""
+    alone = []
+    for k in ck.kinds:
+        if len(ck.by_kind[k]) < 2:
+            continue
+        for i, f in enumerate(ck.plans[k].families):
+            if not (per_family[id(f)]["residuals"] <= ck.tol).all():
+                sub = MomentPlan([f], ck.named).to(ck.device)
+                w = ck.coeffs[k][ck.plans[k].offsets[i]:ck.plans[k].offsets[i] + f.num_groups]
+                alone.append((f, w, _kind_entry((id(f), k), graphs[ck.verdict_graph[k]], sub, ck.named, k, w)))
+    if not alone:
+        return 0
+    moments = _reduce([e for _, _, e in alone])
+    for f, w, e in alone:
+        s, u = moments[e.key]
+        n = e.plan.counts.to(s.device)
+        res, curv_m, curv_a = _kind_numbers(f.kind, s, u, n, floors.g_bar2, floors.theta_bar2, w.to(s.device))
+        d = per_family[id(f)]
+        d["residuals"], d["isolated"] = res.cpu().numpy(), True
+        if ck.verdict_graph[f.kind] == "model":
+            d["curvature"] = {"measured": curv_m.cpu().numpy(), "analytic": curv_a.cpu().numpy()}
+    return len(alone)
 
 
 class _Entry:
