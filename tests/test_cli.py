@@ -5,6 +5,7 @@ interrupted run is made both ways a user makes one: Ctrl-C (SIGINT: the run clos
 summary.json and the report, exits 130) and a kill (SIGKILL: no summary.json; ``report`` recomputes
 what it needs from the metrics files).
 """
+import dataclasses
 import glob
 import json
 import os
@@ -208,6 +209,30 @@ def test_presets_follow_the_paper_and_explicit_options_win():
                                  "--milestones", "3", "6", "--epochs", "9"))
     assert (c.model, c.lr, c.nesterov, c.schedule, c.milestones, c.epochs, c.data) == \
         ("resnet18", 0.2, True, "multistep", [3.0, 6.0], 9.0, "generated")
+
+
+def test_adaptive_optimizers_get_their_own_defaults_and_explicit_options_win():
+    from neural_mechanics_ext.app.models import build_model
+    from neural_mechanics_ext.app.report import optimizer_text
+    from neural_mechanics_ext.app.runner import make_optimizer
+    model = build_model("mlp", 10, image_size=8)
+    c = train_config(_train_args("--optimizer", "adamw")).resolved()
+    assert (c.lr, c.weight_decay, c.betas, c.eps) == (1e-3, 1e-2, [0.9, 0.999], 1e-8)
+    opt = make_optimizer(model, c)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 1e-2
+    assert optimizer_text(dataclasses.asdict(c)) == "AdamW lr 0.001, betas (0.9, 0.999), eps 1e-08, decoupled weight decay 0.01"
+    c = train_config(_train_args("--optimizer", "adam", "--lr", "3e-4", "--betas", "0.8", "0.99", "--eps", "1e-6",
+                                 "--weight-decay", "1e-4")).resolved()
+    opt = make_optimizer(model, c)
+    assert type(opt) is torch.optim.Adam
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"], opt.defaults["weight_decay"]) == \
+        (3e-4, (0.8, 0.99), 1e-6, 1e-4)
+    assert train_config(_train_args()).resolved().optimizer == "sgd"
+    assert train_config(_train_args()).resolved().lr == 0.05
+    lion = pytest.importorskip("lion_pytorch")
+    c = train_config(_train_args("--optimizer", "lion", "--weight-decay", "0.1")).resolved()
+    opt = make_optimizer(model, c)
+    assert isinstance(opt, lion.Lion) and opt.defaults["lr"] == 1e-4 and opt.defaults["betas"] == (0.9, 0.99)
 
 
 def test_train_on_an_image_folder(tmp_path, capsys):

@@ -27,7 +27,18 @@ from ..runfolder import load_run
 
 
 def optimizer_text(config: Dict[str, Any]) -> str:
-    """``SGD, lr 0.05, momentum 0.9, weight decay 0.0005`` from a config."""
+    """``SGD lr 0.05, momentum 0.9, weight decay 0.0005`` (or ``AdamW lr 0.001, betas (0.9, 0.999), ...``)
+    from a config."""
+    name = config.get("optimizer", "sgd")
+    if name != "sgd":
+        label = {"adamw": "AdamW", "adam": "Adam", "lion": "Lion"}.get(name, name)
+        parts = [f"{label} lr {config['lr']:g}", "betas (" + ", ".join(f"{b:g}" for b in config["betas"]) + ")"]
+        if name in ("adam", "adamw"):
+            parts.append(f"eps {config['eps']:g}")
+        parts.append(f"{'' if name == 'adam' else 'decoupled '}weight decay {config['weight_decay']:g}")
+        if config.get("schedule", "constant") != "constant":
+            parts.append(f"{config['schedule']} schedule")
+        return ", ".join(parts)
     parts = [f"SGD lr {config['lr']:g}"]
     if config.get("momentum"):
         parts.append(f"momentum {config['momentum']:g}" + (" (Nesterov)" if config.get("nesterov") else ""))

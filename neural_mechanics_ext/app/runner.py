@@ -47,6 +47,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 TINY_IMAGENET_HINT = ("Tiny ImageNet as an ImageFolder tree: DIR/train/<wnid>/images/*.JPEG "
                       "(e.g. the unpacked tiny-imagenet-200/)")
+# Defaults per optimizer: SGD's are the demo's (the paper's setting); Adam's, AdamW's and Lion's are the
+# optimizers' own (torch.optim, lion-pytorch) except the learning rate, sized for the demo net.
+OPTIMIZERS: Dict[str, Dict[str, Any]] = {
+    "sgd": dict(lr=0.05, weight_decay=5e-4),
+    "adamw": dict(lr=1e-3, weight_decay=1e-2, betas=[0.9, 0.999]),
+    "adam": dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999]),
+    "lion": dict(lr=1e-4, weight_decay=0.0, betas=[0.9, 0.99]),
+}
 EXACT_BN_EPS = 1e-30  # with float64, var + 1e-30 == var for any var > 1e-14: the scale symmetry is exact
 
 
@@ -64,11 +72,14 @@ class RunConfig:
     batch_size: int = 128
     steps: Optional[int] = None        # optimizer steps; or epochs (steps wins when both are given)
     epochs: Optional[float] = None
-    lr: float = 0.05
+    optimizer: str = "sgd"             # sgd | adamw | adam | lion (OPTIMIZERS)
+    lr: Optional[float] = None         # default per optimizer (OPTIMIZERS)
+    betas: Optional[List[float]] = None   # adam/adamw/lion: default per optimizer
+    eps: float = 1e-8                  # adam/adamw
     momentum: float = 0.9
     dampening: float = 0.0
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: Optional[float] = None   # default per optimizer (OPTIMIZERS)
     schedule: str = "constant"         # constant | multistep | cosine
     milestones: List[float] = field(default_factory=list)   # multistep: in epochs (in steps with --steps)
     gamma: float = 0.1
@@ -94,6 +105,12 @@ class RunConfig:
         if c.preset:
             if c.preset not in PRESETS:
                 raise ValueError(f"unknown preset {c.preset!r}; presets: {', '.join(PRESETS)}")
+        if c.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {c.optimizer!r}: {', '.join(OPTIMIZERS)}")
+        defaults = OPTIMIZERS[c.optimizer]
+        for key in ("lr", "weight_decay", "betas"):
+            if getattr(c, key) is None:
+                setattr(c, key, defaults.get(key))
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
         if c.schedule not in ("constant", "multistep", "cosine"):
@@ -110,10 +127,21 @@ class RunConfig:
         return c
 
 
-def make_optimizer(model: torch.nn.Module, c: RunConfig) -> torch.optim.SGD:
-    """SGD with coupled weight decay on every parameter, as the paper trains (THEORY §8)."""
-    return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, dampening=c.dampening,
-                           nesterov=c.nesterov, weight_decay=c.weight_decay)
+def make_optimizer(model: torch.nn.Module, c: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimizer over every parameter: SGD with coupled weight decay as the paper trains
+    (THEORY §8); AdamW (decoupled decay), Adam (coupled L2) or Lion (lion-pytorch) otherwise."""
+    params = model.parameters()
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, dampening=c.dampening,
+                               nesterov=c.nesterov, weight_decay=c.weight_decay)
+    if c.optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+    try:
+        from lion_pytorch import Lion
+    except ImportError as exc:
+        raise ValueError("--optimizer lion needs the lion-pytorch package (pip install lion-pytorch)") from exc
+    return Lion(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
 
 
 def make_schedule(opt, c: RunConfig, total_steps: int, steps_per_epoch: int, by_epochs: bool):
@@ -610,13 +638,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="input size (generated: 32; folders: their own)")
     p.add_argument("--train-samples", type=int, default=6144, help="generated data: training images")
     p.add_argument("--epochs", type=float, help="epochs (ignored when --steps is given)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd"],
-                   help="sgd (torch.optim.SGD; the theory's exact predictions cover it in all its forms)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
-    p.add_argument("--momentum", type=float, help="heavy-ball momentum (default 0.9)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS),
+                   help="sgd (torch.optim.SGD, default), adamw, adam (torch.optim) or lion (lion-pytorch)")
+    p.add_argument("--lr", type=float, help="learning rate (default: sgd 0.05, adam/adamw 1e-3, lion 1e-4)")
+    p.add_argument("--betas", type=float, nargs=2, help="adam/adamw/lion: β1 β2 (default: the optimizer's own)")
+    p.add_argument("--eps", type=float, help="adam/adamw: ε of the denominator (default 1e-8)")
+    p.add_argument("--momentum", type=float, help="sgd: heavy-ball momentum (default 0.9)")
     p.add_argument("--dampening", type=float, help="momentum dampening (default 0)")
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, help="coupled L2 weight decay on every parameter (default 5e-4)")
+    p.add_argument("--weight-decay", type=float,
+                   help="weight decay on every parameter: coupled L2 for sgd and adam (default 5e-4 / 0), "
+                        "decoupled for adamw and lion (default 1e-2 / 0)")
     p.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help="lr schedule (default constant)")
     p.add_argument("--milestones", type=float, nargs="+", help="multistep: epochs (steps with --steps)")
     p.add_argument("--gamma", type=float, help="multistep: lr factor at each milestone (default 0.1)")
@@ -640,7 +672,8 @@ def train_config(args) -> RunConfig:
             raise ValueError(f"--preset {args.preset} needs --data DIR: {TINY_IMAGENET_HINT} "
                              "(or --data generated for a smoke test)")
     explicit = {"model": args.model, "data": args.data, "image_size": args.image_size, "epochs": args.epochs,
-                "lr": args.lr, "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
+                "optimizer": args.optimizer, "lr": args.lr, "betas": args.betas, "eps": args.eps,
+                "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
                 "weight_decay": args.weight_decay, "schedule": args.schedule, "milestones": args.milestones,
                 "gamma": args.gamma, "workers": args.workers, "log_every": args.log_every,
                 "eval_batches": args.eval_batches, "batch_size": args.batch_size}
