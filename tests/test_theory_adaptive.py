@@ -374,7 +374,8 @@ def slowest_tau(step, x, h=1e-6):
         xp, xm = list(x), list(x)
         xp[j] += h * abs(x[j])
         xm[j] -= h * abs(x[j])
-        J[:, j] = (torch.tensor(step(xp), dtype=torch.float64) - torch.tensor(step(xm), dtype=torch.float64)) / (2 * h * abs(x[j]))
+        fp, fm = (torch.tensor(step(v), dtype=torch.float64) for v in (xp, xm))
+        J[:, j] = (fp - fm) / (2 * h * abs(x[j]))
     return 1 / (1 - float(torch.linalg.eigvals(J).abs().max()))
 
 
@@ -439,70 +440,88 @@ def model_p(seed=0):
 
 
 def long_run(name, K, **kw):
-    """Per step and scale family: measured n, angle and the recursion's predicted n, angle."""
+    """Per step and scale family: measured n, angle and the recursion's predicted n, angle; for the adaptive
+    optimizers also s and the set point s* of the classifier's columns (translation, 32 groups of C = 10)."""
     net, data = model_p(), Teacher()
     opt = OPTIMIZERS[name](net.parameters(), **kw)
+    group = opt.param_groups[0]
     W = {"W1": net[0].weight, "W2": net[3].weight}
     out = {f: {"n": [], "angle": [], "pred_n": [], "pred_angle": []} for f in W}
-    recs = {}
+    recs, before = {}, {}
+    cols, set_point, trans = net[6].weight, TranslationSetPoint(32), {"s": [], "s*": []}
     for k in range(K):
         x, y = data.batch()
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         for f, p in W.items():
-            st, group = opt.state[p], opt.param_groups[0]
+            st = opt.state[p]
             if name == "sgdm":  # the sgdm streams (θ, g, v) of THEORY.md drive (d)
                 hp = step_hyper(opt, group, first_step="momentum_buffer" not in st)
                 v = st.get("momentum_buffer", torch.zeros_like(p))
                 M = nmx.slice_moments([p.detach()], [[(1, 32, 32)]], [p.grad], [v])
             else:
                 hp = step_hyper(opt, group, step=state_step(st) + 1)
-                pre, u = update_direction(p.detach(), p.grad, st, hp)
-                M = nmx.slice_moments([p.detach()], [[(1, 32, 32)]], [pre], [u])
+                M = nmx.slice_moments([p.detach()], [[(1, 32, 32)]], *map(lambda t: [t], update_direction(
+                    p.detach(), p.grad, st, hp)))
             if f not in recs:
                 recs[f] = EquilibriumRecursion("sgd" if name == "sgdm" else name, M, sizes=32)
             out[f]["n"].append(M[:, COL["xx"]].clone())
             out[f]["pred_n"].append(recs[f].prediction())
             recs[f].advance(hp, M)
             out[f]["pred_angle"].append(recs[f].angle)
-            out[f]["before"] = p.detach().clone()
+            before[f] = p.detach().clone()
+        if name != "sgdm":
+            hp = step_hyper(opt, group, step=state_step(opt.state[cols]) + 1)
+            pre, u = update_direction(cols.detach(), cols.grad, opt.state[cols], hp)
+            M = nmx.slice_moments([cols.detach()], [[(10, 32, 1)]], [pre], [u])
+            trans["s"].append(M[:, COL["x"]].clone())
+            set_point.advance(M, hp.lr, hp.weight_decay)
+            trans["s*"].append(set_point.prediction())
         opt.step()
         for f, p in W.items():
-            out[f]["angle"].append(direct_angle(out[f]["before"], p.detach()))
-    return {f: {k: torch.stack(v) for k, v in o.items() if k != "before"} for f, o in out.items()}, recs
+            out[f]["angle"].append(direct_angle(before[f], p.detach()))
+    res = {f: {k: torch.stack(v) for k, v in o.items()} for f, o in out.items()}
+    return res, recs, {k: torch.stack(v) for k, v in trans.items() if v}
 
 
-def window_ratios(res, frac=0.4):
-    """Family means over the last 40 % (the spec's window) of measured/predicted n and angle."""
-    K = res["n"].shape[0]
-    w = slice(int(K * (1 - frac)), K)
-    return ((res["n"][w].mean() / res["pred_n"][w].mean()).item(),
-            (res["angle"][w].mean() / res["pred_angle"][w].mean()).item())
+def window(x, frac=0.4):
+    """The last 40 % of the steps: the spec's equilibrium window."""
+    return x[int(x.shape[0] * (1 - frac)):]
 
 
-@pytest.mark.parametrize("name,kw,steps", [
-    # AdamW η = 1e-2, λ = 0.2, β = (.9, .99): τ = 1/(1−ρ²) = 250 steps, 2000 steps = 8τ (spec §3.3 row 2).
-    ("adamw", dict(lr=1e-2, weight_decay=0.2, betas=(0.9, 0.99)), 2000),
-    # SGDM η = 0.1, λ = 5e-3, β = 0.9: τ = 89 steps (§3.5), 1500 steps = 17τ (spec §3.3 SGDM row 1).
-    ("sgdm", dict(lr=0.1, weight_decay=5e-3, momentum=0.9), 1500),
+@pytest.mark.parametrize("name,kw,steps,min_elapsed", [
+    # AdamW η = 1e-2, λ = 0.2, β = (.9, .99) (spec §3.3 row 2): slow time constant with the β₂ lag 385 steps
+    # (1/(1−ρ²) = 250 without it); 2000 steps = 5.2 slow τ = 8/(2ηλ), the spec's run length in its units.
+    ("adamw", dict(lr=1e-2, weight_decay=0.2, betas=(0.9, 0.99)), 2000, 5),
+    # SGDM η = 0.1, λ = 5e-3, β = 0.9 (spec §3.3 SGDM row 1): τ = 37 steps (§3.5), 1000 steps = 27 τ.
+    ("sgdm", dict(lr=0.1, weight_decay=5e-3, momentum=0.9), 1000, 20),
 ])
-def test_long_run_equilibrium(name, kw, steps):
-    """Measured/predicted n and angle in the equilibrium window, family means.
+def test_long_run_equilibrium(name, kw, steps, min_elapsed):
+    """Measured/predicted n and angle in the equilibrium window (ratios of family means).
 
     Tolerances from THEORY_ADAPTIVE §3.3/§3.4 (model P, same settings): AdamW n/(D) = 0.971–0.979 with the
     C + β₂-lag recursion equal to (D) there, mean angle/η_r(D) = 0.939–0.966; SGDM n/(D) = 0.933–0.968,
     recursion (d) phase-end errors +3..+7 %, mean angle/η_r = 0.973–0.987.  The deficits are the random-walk
     model's (§3.7: anti-correlated minibatch gradients, the KSB mean), so we require the ratios in
-    [0.90, 1.03]: the spec's worst deviation (0.067) plus 0.03 for our shorter run and narrower net.  The
-    elapsed time must be ≥ 8 time constants, as in the spec's runs.
+    [0.90, 1.03]: the spec's worst deviation (0.067) plus 0.03 for our shorter run and narrower net.
+    (Measured here: AdamW n 0.995/0.995, angle 0.972/0.957; SGDM n 0.97/0.96, angle 0.99/0.98.)
+    Translation (AdamW, §5.1): the spec measured |s|/|s*| = 0.93 and a correlation of 0.977 over the groups;
+    we require [0.85, 1.05] and ≥ 0.95 for the window means of s and of the online set point.
     """
-    res, recs = long_run(name, steps, **kw)
+    res, recs, trans = long_run(name, steps, **kw)
     for f, r in res.items():
-        n_ratio, angle_ratio = window_ratios(r)
-        print(f"{name} {f}: n meas/pred {n_ratio:.3f}  angle meas/pred {angle_ratio:.3f}  elapsed {recs[f].elapsed:.1f} tau")
+        n_ratio = (window(r["n"]).mean() / window(r["pred_n"]).mean()).item()
+        angle_ratio = (window(r["angle"]).mean() / window(r["pred_angle"]).mean()).item()
+        print(f"{name} {f}: n meas/pred {n_ratio:.3f}  angle meas/pred {angle_ratio:.3f}  "
+              f"elapsed {recs[f].elapsed:.1f} tau")
         assert 0.90 <= n_ratio <= 1.03, (f, n_ratio)
         assert 0.90 <= angle_ratio <= 1.03, (f, angle_ratio)
-        assert recs[f].elapsed >= 8
+        assert recs[f].elapsed >= min_elapsed
+    if trans:
+        s, s_star = window(trans["s"]).mean(0), window(trans["s*"]).mean(0)
+        ratio, corr = (s.norm() / s_star.norm()).item(), torch.corrcoef(torch.stack([s, s_star]))[0, 1].item()
+        print(f"{name} translation: |s|/|s*| {ratio:.3f}  correlation {corr:.3f}")
+        assert 0.85 <= ratio <= 1.05 and corr >= 0.95, (ratio, corr)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def alignment_split(M: torch.Tensor, kind: str, sizes: Optional[torch.Tensor] = 
     safe = torch.where(norm > 0, norm, torch.ones_like(norm))
     inertial = kappa * tp
     ksb = tu - inertial  # exact split; the subtraction is the definition K = ⟨θ, u − κp⟩
-    return {"alignment": torch.where(norm > 0, tu / safe, zero), "inertial": torch.where(norm > 0, inertial / safe, zero),
-            "ksb": torch.where(norm > 0, ksb / safe, zero), "kappa": kappa}
+    part = lambda v: torch.where(norm > 0, v / safe, zero)  # noqa: E731
+    return {"alignment": part(tu), "inertial": part(inertial), "ksb": part(ksb), "kappa": kappa}
 
 
 class TranslationSetPoint:
@@ -198,16 +198,20 @@ class TranslationSetPoint:
     s_{k+1} = ρs_k − ηξ_k is a first-order filter of ξ = ⟨1,u⟩_A (pure KSB) with time constant 1/(ηλ);
     s settles at −E[ξ]/λ.  E[ξ] is estimated by a bias-corrected EMA whose time constant is ``horizon``
     times the filter's (rate ηλ/horizon per step, so it follows schedules), which averages the per-step
-    noise that s itself still carries.  λ = 0 (no decay: s is a random walk) or NaN (members with
-    different λ, :func:`group_setting`) gives NaN.  Coupled decay (Adam, SGD) has no such set point.
+    noise that s itself still carries.  (With horizon 1 and no bias correction −EMA/λ would obey s's own
+    recursion from s = 0: no prediction.  Measured on the AdamW run of the tests, horizon 2: |s|/|s*| = 0.93
+    and correlation 0.99 over the classifier's columns; the spec's window-mean estimate gave 0.93 and 0.977.)
+    λ = 0 (no decay: s is a random walk) or NaN (members with different λ, :func:`group_setting`) gives
+    NaN.  Coupled decay (Adam, SGD) has no such set point.
     """
 
-    def __init__(self, num_groups: int, horizon: float = 4.0, device=None):
+    def __init__(self, num_groups: int, horizon: float = 2.0, device=None):
         if not horizon >= 1.0:
             raise ValueError(f"horizon must be >= 1 (in units of the filter's time constant), got {horizon}")
         self.horizon = float(horizon)
         self._ema = torch.zeros(num_groups, dtype=torch.float64, device=device)
-        self._weight = torch.zeros(num_groups, dtype=torch.float64, device=device)  # Σ of EMA weights (bias correction)
+        # Σ of the EMA weights, for the bias correction
+        self._weight = torch.zeros(num_groups, dtype=torch.float64, device=device)
         self._lam = torch.full((num_groups,), float("nan"), dtype=torch.float64, device=device)
 
     def advance(self, M: torch.Tensor, lr: Scalar, weight_decay: Scalar) -> None:

@@ -258,7 +258,8 @@ class EquilibriumRecursion:
         K = b1 * b1 * s["K"] + (1 - b1) ** 2 * C * ((1 / N) / (W / bc2))
         A, U = b1 * Q / bc1, K / (bc1 * bc1)
         self.angle = _angle(eta, rho, N, A, U)
-        s["N"], s["Q"], s["K"], s["W"] = rho * rho * N - 2 * eta * rho * A + eta * eta * U, rho * b1 * Q - eta * K / bc1, K, W
+        s["N"] = rho * rho * N - 2 * eta * rho * A + eta * eta * U
+        s["Q"], s["K"], s["W"] = rho * b1 * Q - eta * K / bc1, K, W
         if M is not None:
             NU, QU, Um = s["NU"], s["QU"], M[:, COL["zz"]]
             s["NU"] = rho * rho * NU - 2 * eta * rho * b1 * QU / bc1 + eta * eta * Um
