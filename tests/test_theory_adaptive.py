@@ -545,6 +545,11 @@ def test_bad_input_is_refused_clearly():
         EquilibriumRecursion("adamw", M)
     with pytest.raises(ValueError, match="horizon"):
         TranslationSetPoint(2, horizon=0.5)
+    integ = AdaptiveExactIntegrator("scale", M)
+    with pytest.raises(ValueError, match="kind"):
+        integ.load_state_dict(AdaptiveExactIntegrator("translation", M).state_dict())
+    with pytest.raises(ValueError, match="rows"):
+        integ.advance(torch.zeros(3, 9, dtype=torch.float64), 0.1)
     rec = EquilibriumRecursion("adam", M)
     rec.advance(AdaptiveHyper("adam", 1e-3, 1e-2))
     assert rec.unsupported and torch.isnan(rec.prediction()).all()

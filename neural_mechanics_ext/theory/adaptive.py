@@ -121,9 +121,11 @@ class AdaptiveExactIntegrator:
         self.steps += 1
 
     def state_dict(self) -> dict:
+        """{"kind", "steps", "value"}: everything needed to resume (a checkpoint of the tracker)."""
         return {"kind": self.kind, "steps": self.steps, "value": self._value.clone()}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Resume from :meth:`state_dict`; a wrong kind or group count raises ValueError."""
         if sd.get("kind") != self.kind:
             raise ValueError(f"state_dict is for kind {sd.get('kind')!r}, this integrator is {self.kind!r}")
         v = sd["value"]
