@@ -342,12 +342,14 @@ def test_recursion_fixed_point_is_the_closed_form(family, hp, tol):
     C = torch.tensor([32.0, 64.0], dtype=torch.float64)
     M0 = torch.zeros(2, 9, dtype=torch.float64)
     M0[:, COL["xx"]] = 1.0
-    rec = run_recursion(EquilibriumRecursion(family, M0, sizes=C), hp, 40000)
+    tau = time_constants(family, hp.lr, hp.weight_decay, betas=hp.betas)[1]
+    steps = int(40 * tau)  # e^{-40}: the start is forgotten to rounding
+    rec = run_recursion(EquilibriumRecursion(family, M0, sizes=C), hp, steps)
     n_star, eta_r = equilibrium_closed_form(family, hp.lr, hp.weight_decay, betas=hp.betas, sizes=C)
     assert ((rec.prediction() / n_star - 1).abs().max()) <= tol
     # the expected angle is (2.2) with expected moments: η_r up to the radial part, O(cos²(θ,u)) ≈ 1 %
     assert ((rec.angle / eta_r - 1).abs().max()) <= 0.02
-    assert rec.elapsed == pytest.approx(40000 / time_constants(family, hp.lr, hp.weight_decay, betas=hp.betas)[1])
+    assert rec.elapsed == pytest.approx(steps / tau)
 
 
 def test_sgd_recursion_fixed_point_is_the_closed_form():
@@ -357,7 +359,7 @@ def test_sgd_recursion_fixed_point_is_the_closed_form():
     M = torch.zeros(1, 9, dtype=torch.float64)
     M[:, COL["xx"]], M[:, COL["yy"]] = 2.0, 3.0  # Ĝ = yy·xx = 6 (scale-free: |g|² ∝ 1/n)
     rec = EquilibriumRecursion("sgd", M)
-    for _ in range(20000):
+    for _ in range(2000):  # τ = 37 steps (time_constants): 54 τ
         M[:, COL["yy"]] = 6.0 / rec.prediction()  # keep Ĝ fixed while n moves
         M[:, COL["xx"]] = rec.prediction()
         rec.advance(hp, M)
