@@ -448,7 +448,7 @@ def long_run(name, K, **kw):
     opt = OPTIMIZERS[name](net.parameters(), **kw)
     group = opt.param_groups[0]
     W = {"W1": net[0].weight, "W2": net[3].weight}
-    out = {f: {"n": [], "angle": [], "pred_n": [], "pred_angle": []} for f in W}
+    out = {f: {"n": [], "angle": [], "pred_n": [], "pred_angle": [], "pred_kinetic": []} for f in W}
     recs, before = {}, {}
     cols, set_point, trans = net[6].weight, TranslationSetPoint(32), {"s": [], "s*": []}
     for k in range(K):
@@ -469,6 +469,7 @@ def long_run(name, K, **kw):
                 recs[f] = EquilibriumRecursion("sgd" if name == "sgdm" else name, M, sizes=32)
             out[f]["n"].append(M[:, COL["xx"]].clone())
             out[f]["pred_n"].append(recs[f].prediction())
+            out[f]["pred_kinetic"].append(recs[f].prediction_kinetic())
             recs[f].advance(hp, M)
             out[f]["pred_angle"].append(recs[f].angle)
             before[f] = p.detach().clone()
@@ -519,6 +520,12 @@ def test_long_run_equilibrium(name, kw, steps, min_elapsed):
         assert 0.90 <= n_ratio <= 1.03, (f, n_ratio)
         assert 0.90 <= angle_ratio <= 1.03, (f, angle_ratio)
         assert recs[f].elapsed >= min_elapsed
+        # §3.4(b), driven by the measured |u|²: the spec's max |err| 0.031 / 0.057, always pred < meas (the
+        # negative KSB mean grows the norm, §3.7): meas/pred ≤ 1/(1 − 0.057) = 1.06.  Measured here 1.03 / 1.05.
+        if name == "adamw":
+            kinetic_ratio = (window(r["n"]).mean() / window(r["pred_kinetic"]).mean()).item()
+            print(f"{name} {f}: n meas/pred(|u|²-driven) {kinetic_ratio:.3f}")
+            assert 0.94 <= kinetic_ratio <= 1.06, (f, kinetic_ratio)
     if trans:
         s, s_star = window(trans["s"]).mean(0), window(trans["s*"]).mean(0)
         ratio, corr = (s.norm() / s_star.norm()).item(), torch.corrcoef(torch.stack([s, s_star]))[0, 1].item()
