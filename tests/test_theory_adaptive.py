@@ -352,6 +352,26 @@ def test_recursion_fixed_point_is_the_closed_form(family, hp, tol):
     assert rec.elapsed == pytest.approx(steps / tau)
 
 
+def test_recursion_and_set_point_resume_from_state_dict():
+    """A checkpoint taken mid-run and loaded into a fresh object continues bit for bit."""
+    torch.manual_seed(5)
+    Ms = [torch.rand(3, 9, dtype=torch.float64) + 0.5 for _ in range(40)]
+    hp = AdaptiveHyper("adamw", 1e-2, 0.2, (0.9, 0.99))
+    a, sa = EquilibriumRecursion("adamw", Ms[0], sizes=13), TranslationSetPoint(3)
+    b, sb = EquilibriumRecursion("adamw", Ms[0], sizes=13), TranslationSetPoint(3)
+    for k, M in enumerate(Ms):
+        if k == 20:
+            b.load_state_dict(a.state_dict())
+            sb.load_state_dict(sa.state_dict())
+        for rec, sp in ((a, sa), (b, sb)) if k >= 20 else ((a, sa),):
+            rec.advance(hp._replace(step=k + 1), M)
+            sp.advance(M, hp.lr, hp.weight_decay)
+    assert torch.equal(a.prediction(), b.prediction()) and torch.equal(a.prediction_kinetic(), b.prediction_kinetic())
+    assert torch.equal(a.angle, b.angle) and a.elapsed == b.elapsed and torch.equal(sa.prediction(), sb.prediction())
+    with pytest.raises(ValueError, match="family"):
+        EquilibriumRecursion("lion", Ms[0], sizes=13).load_state_dict(a.state_dict())
+
+
 def test_sgd_recursion_fixed_point_is_the_closed_form():
     """(d) with a constant Ĝ settles at THEORY.md §4.2's n* (b = 0), and its angle at η_r(D) = sqrt(x − x²/4),
     the small-angle form of (2.2) (atan2 and the radial shortening ρn − η⟨θ,u⟩ differ at O(η_r²))."""

@@ -225,6 +225,20 @@ class TranslationSetPoint:
         self._weight = (1.0 - alpha) * self._weight + alpha
         self._lam = torch.as_tensor(lam, dtype=torch.float64, device=M.device).expand_as(self._ema).clone()
 
+    def state_dict(self) -> dict:
+        """Everything needed to resume (horizon, EMA, its weight and the last λ)."""
+        return {"horizon": self.horizon, "ema": self._ema.clone(), "weight": self._weight.clone(),
+                "lam": self._lam.clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from :meth:`state_dict`; a wrong group count raises ValueError."""
+        for k in ("ema", "weight", "lam"):
+            if sd[k].shape != self._ema.shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {tuple(sd[k].shape)}, expected {tuple(self._ema.shape)}")
+        self.horizon = float(sd["horizon"])
+        self._ema, self._weight, self._lam = (sd[k].detach().to(self._ema.device, torch.float64).clone()
+                                              for k in ("ema", "weight", "lam"))
+
     def prediction(self) -> torch.Tensor:
         """[G] s* = −EMA(ξ)/λ (NaN before the first step, or where λ is 0 or NaN)."""
         ok = (self._weight > 0) & (self._lam > 0)

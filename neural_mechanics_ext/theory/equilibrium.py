@@ -213,6 +213,24 @@ class EquilibriumRecursion:
         """[G] AdamW only: the |u|²-driven expected n (recursion (b), semi-empirical); NaN otherwise."""
         return self._masked(self._s["NU"]) if self.family == "adamw" else torch.full_like(self._s["N"], float("nan"))
 
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the family, the step count, the elapsed time and the state tensors."""
+        return {"family": self.family, "steps": self.steps, "elapsed": self.elapsed, "angle": self.angle.clone(),
+                **{k: v.clone() for k, v in self._s.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from :meth:`state_dict`; a wrong family or group count raises ValueError."""
+        if sd.get("family") != self.family:
+            raise ValueError(f"state_dict is for family {sd.get('family')!r}, this recursion is {self.family!r}")
+        for k in list(self._s) + ["angle"]:
+            if sd[k].shape != (self.num_groups,):
+                raise ValueError(f"state_dict[{k!r}] has shape {tuple(sd[k].shape)}, expected ({self.num_groups},)")
+        device = self._s["N"].device
+        for k in self._s:
+            self._s[k] = sd[k].detach().to(device=device, dtype=torch.float64).clone()
+        self.angle = sd["angle"].detach().to(device=device, dtype=torch.float64).clone()
+        self.steps, self.elapsed = int(sd["steps"]), float(sd["elapsed"])
+
     def advance(self, hp, M: Optional[torch.Tensor] = None) -> None:
         """Consume step k's settings (and moments: required for SGD, optional for AdamW's (b))."""
         if self.family == "sgd":
