@@ -28,7 +28,8 @@ from typing import Optional, Union
 
 import torch
 
-from .step import COL, check_kind, check_moments
+from ..schema import COL
+from .step import check_kind, check_moments
 
 Scalar = Union[float, torch.Tensor]
 

@@ -22,7 +22,8 @@ import torch
 
 from .adaptive_forms import AdaptiveHyper
 from .derived import equilibrium_norm
-from .step import COL, StepHyper, check_moments, evaluate, hyper_floats, step_forms
+from ..schema import COL
+from .step import StepHyper, check_moments, evaluate, hyper_floats, step_forms
 
 Scalar = Union[float, torch.Tensor]
 _ASIN_TAYLOR = {1: 1.0, 3: 1.0 / 6.0, 5: 3.0 / 40.0, 7: 5.0 / 112.0}  # asin x = Σ a_p x^p (§3.4c)
