@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .plan import MomentPlan
-from .schema import COL, PREDICTIONS
-from .symmetry.family import SymmetryFamily
-from .symmetry.residual import constraint_residual
-from .theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
+from ..plan import MomentPlan
+from ..schema import COL, PREDICTIONS
+from ..symmetry.family import SymmetryFamily
+from ..symmetry.residual import constraint_residual
+from ..theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
 
 # Columns of a block's group moments: the nine signed moments, then unsigned |θ_A|² and |g_A|² (the
 # magnitudes of rescale groups and the norms of the residual, which the signed sums cannot give).
@@ -571,7 +571,7 @@ class SymmetryTracker:
         "max_residual", "median_residual", "passed", ...).  Delegates to
         :func:`neural_mechanics_ext.hessian.hessian_check` (keyword arguments pass through); the model,
         its gradients and buffers, the optimizer and the tracker's records are not touched."""
-        from .hessian import hessian_check
+        from ..hessian import hessian_check
         return hessian_check(self.model, self.families, loss_fn, batch, **kw)
 
     def state_dict(self) -> Dict[str, Any]:
