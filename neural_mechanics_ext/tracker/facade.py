@@ -14,7 +14,7 @@ from ..distributed import ShardedMoments, is_dtensor
 from ..plan import MomentPlan
 from ..symmetry.family import SymmetryFamily
 from . import state, validate
-from .history import SCALE_ONLY, History
+from .history import History
 from .hooks import BackwardBuckets, moment_pass
 from .integrate import BlockIntegrator
 from .optimizers import theory_for
@@ -105,8 +105,7 @@ class SymmetryTracker:
         self._blocks = BlockIntegrator(self.families, self.plan, self._theory,
                                        [self._group_of[id(p)] for p in self.plan.params],
                                        len(self.optimizer.param_groups), self._named)
-        self._history = History(self.families, self.plan.offsets, self.log_every,
-                                SCALE_ONLY + self._theory.scale_columns)
+        self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.scale_columns)
         self.step = 0               # optimizer steps seen
         self._closed = False
         self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0, "write_seconds": 0.0}

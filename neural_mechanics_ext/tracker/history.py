@@ -24,13 +24,13 @@ class History:
         families: the tracked families, in the plan's order.
         offsets: the first group of each family in the block columns (``plan.offsets``).
         log_every: keep every ``log_every``-th step.
-        scale_only: columns kept for scale families only.
+        scale_columns: the optimizer theory's columns that scale families only keep (beside ``SCALE_ONLY``).
     """
 
     def __init__(self, families: Sequence[SymmetryFamily], offsets: Sequence[int], log_every: int,
-                 scale_only: Tuple[str, ...] = SCALE_ONLY):
+                 scale_columns: Tuple[str, ...] = ()):
         self.families, self.offsets, self.log_every = list(families), list(offsets), log_every
-        self.scale_only = scale_only
+        self.scale_only = SCALE_ONLY + tuple(scale_columns)
         self.by_family = {f.name: FamilyHistory(f) for f in self.families}
 
     def add(self, block: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:

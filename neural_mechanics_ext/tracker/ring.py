@@ -5,6 +5,8 @@ on the parameters' device, beside the step's host-side record (its optimizer set
 sync).  A full block is handed off: on CUDA a non-blocking copy into pinned memory, marked by an event,
 while the next steps fill the second buffer; on CPU a copy.  The block stays *pending* until the next
 hand-off (or a sync) processes it, by which time the copy is long done, so the step never waits.
+Blocks are processed in order, each at most once: one whose processing raised (Ctrl-C) stays pending,
+with any handed off after it, until the next sync.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class DeviceRing:
         self._index = 0
         self.fill = 0                   # steps in the current buffer
         self._records: List[Dict[str, Any]] = []
-        self.pending: Optional[Block] = None
+        self.pending: List[Block] = []  # oldest first
 
     def push(self, moments: torch.Tensor, record: Dict[str, Any]) -> bool:
         """Add one step; True when the buffer is full (then call :meth:`flush`)."""
@@ -56,17 +58,17 @@ class DeviceRing:
         else:
             block = Block(filled.clone(), self._records, None)
         self.fill, self._records = 0, []
-        self.process_pending(integrate, commit)
-        self.pending = block
+        self.pending.append(block)
+        self.process_pending(integrate, commit, keep=1)  # the new block waits for its copy
 
-    def process_pending(self, integrate: Callable, commit: Callable) -> None:
-        """``commit(integrate(moments, records))`` of the pending block.  If ``integrate`` raises, the
-        block stays pending (``integrate`` must then leave no trace, see ``state.snapshot``)."""
-        if self.pending is None:
-            return
-        host, records, ready = self.pending
-        if ready is not None:
-            ready.synchronize()  # long done: it was enqueued a whole block ago
-        columns = integrate(host, records)
-        self.pending = None
-        commit(columns)
+    def process_pending(self, integrate: Callable, commit: Callable, keep: int = 0) -> None:
+        """``commit(integrate(moments, records))`` of the pending blocks, oldest first, all but the last
+        ``keep``.  If ``integrate`` raises, that block and the later ones stay pending (``integrate``
+        must then leave no trace, see ``state.snapshot``)."""
+        while len(self.pending) > keep:
+            host, records, ready = self.pending[0]
+            if ready is not None:
+                ready.synchronize()  # long done: it was enqueued a whole block ago
+            columns = integrate(host, records)
+            self.pending.pop(0)
+            commit(columns)
