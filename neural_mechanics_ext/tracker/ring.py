@@ -44,7 +44,7 @@ class DeviceRing:
         return self.fill == len(self._buffers[self._index])
 
     def flush(self, integrate: Callable, commit: Callable) -> None:
-        """Hand the filled steps to the host (asynchronously on CUDA) and process the previous block."""
+        """Hand the filled steps to the host (asynchronously on CUDA) and process the blocks before them."""
         if self.fill == 0:
             return
         filled = self._buffers[self._index][: self.fill]
