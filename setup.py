@@ -72,7 +72,8 @@ else:
     Extension = cpp_extension.CppExtension
 
 print(f"neural_mechanics_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
-      + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""),
+      + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else "")
+      + (" and the emulated CUDA kernels" if with_emulation else ""),
       file=sys.stderr)
 
 ext = Extension(

@@ -1,9 +1,11 @@
 // The Python module neural_mechanics_ext._C: build_info(), and the test-only entry point of the
 // emulated CUDA kernels.  (The op itself is registered with the dispatcher: ops.cpp and the backends.)
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 #include <torch/version.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -56,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slice_moments_cuda_emulated", &slice_moments_cuda_emulated,
         "Test only: slice_moments' CUDA kernels on the host SIMT emulation (CPU tensors, flat views)",
         pybind11::arg("xs"), pybind11::arg("ys"), pybind11::arg("zs"), pybind11::arg("views"),
+        pybind11::arg("schedule_seed"));
+  m.def("cuda_emulation_selftest", &nmx::cuda_emulation_selftest,
+        "Test only: one of the emulation's own test kernels, by name", pybind11::arg("kernel"),
         pybind11::arg("schedule_seed"));
 #endif
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "kernel_types.h"
@@ -32,6 +33,9 @@ Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const Optiona
 // from schedule_seed: for tests on machines without a GPU.  CPU tensors in, the op's result out.
 at::Tensor slice_moments_cuda_emulated(at::TensorList xs, const OptionalTensorList& ys,
                                        const OptionalTensorList& zs, at::IntArrayRef views, uint64_t schedule_seed);
+
+// Runs one of the emulation's own test kernels (cuda/emulation_selftest.cpp) and returns what it wrote.
+std::vector<double> cuda_emulation_selftest(const std::string& kernel, uint64_t schedule_seed);
 #endif
 
 }  // namespace nmx

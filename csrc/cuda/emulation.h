@@ -1,8 +1,10 @@
 // A host emulation of the CUDA execution model, for running CUDA kernel source without a GPU (tests).
 //
-// Include this first, then the kernel source (*.cuh): the kernels compile with the host compiler as
-// ordinary functions.  `launch(grid, block, seed, body)` runs every block of a grid, one block at a
-// time; the threads of a block are cooperative fibers (glibc ucontext) on one OS thread:
+// Include it after every other header (it defines CUDA's names as macros) and before the kernel source
+// (*.cuh): the kernels then compile with the host compiler as ordinary functions.
+// `launch(grid, block, seed, body)` runs every block of a grid, one block at a time; the threads of a
+// block are cooperative fibers on one OS thread (a register-saving stack switch on x86-64, glibc
+// ucontext elsewhere):
 //   * threadIdx / blockIdx / blockDim / gridDim are set for the fiber that runs;
 //   * __shared__ variables are static thread_local: one copy, shared by the fibers of the running block;
 //   * __syncthreads() is a barrier of the block's fibers, __shfl_xor_sync / __shfl_down_sync a
@@ -13,8 +15,9 @@
 //     result that changes with the seed (or is wrong for every seed); kernels that are deterministic
 //     by design give bit-identical results under every seed;
 //   * a barrier or shuffle that not all threads (lanes) reach, a vector load from a misaligned address
-//     (load_vector below) and a partial shuffle mask stop the launch with an error (a GPU would hang,
-//     fault or compute garbage).
+//     (check_aligned below, which the kernels' vector loads call) and a partial shuffle mask stop the
+//     launch with an error (a GPU would hang, fault or compute garbage).
+// tests/test_cuda_emulation.py checks these properties on small kernels (emulation_selftest.cpp).
 //
 // What the emulation cannot see (bench/gpu_check.sh on a machine with a GPU remains the check):
 //   * the memory model between blocks and between threads: blocks run one after another, and a
