@@ -2,7 +2,6 @@
 
 The kernel tests run on every backend of the `backend` fixture (conftest.py): the CPU kernels, the CUDA
 kernels on the host SIMT emulation (every machine), and the CUDA kernels on a GPU (where there is one)."""
-import functools
 import os
 import subprocess
 import sys
@@ -89,10 +88,10 @@ def _factor_views(numel, draw):
     return views
 
 
-@pytest.mark.parametrize("backend_", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
+@pytest.mark.parametrize("impl", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_fuzz_against_reference(backend_, data):
+def test_fuzz_against_reference(impl, data):
     draw = data.draw
     xs, views, ys, zs = [], [], [], []
     for _ in range(draw(st.integers(1, 4))):
@@ -105,7 +104,7 @@ def test_fuzz_against_reference(backend_, data):
         ys.append(torch.randn(shape).to(dy) if draw(st.booleans()) else None)
         zs.append(torch.randn(shape).to(dz) if draw(st.booleans()) else None)
         views.append(_factor_views(numel, draw))
-    assert_close_to_reference(xs, views, ys, zs, op=backend_.slice_moments)
+    assert_close_to_reference(xs, views, ys, zs, op=impl.slice_moments)
 
 
 @pytest.mark.parametrize("dx", DTYPES, ids=str)
