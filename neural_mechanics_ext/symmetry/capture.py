@@ -271,6 +271,15 @@ _TORCH_TWINS = {torch.batch_norm: "batch_norm_aten", torch.instance_norm: "insta
                 torch.group_norm: "group_norm_aten", torch.layer_norm: "layer_norm_aten"}
 
 
+def normaliser_op(func) -> Optional[str]:
+    """``"batch_norm"``, ``"layer_norm"``, ... when ``func`` is one of the ``F`` normalisers, else None."""
+    try:
+        op = _BY_OBJECT.get(func)
+    except TypeError:          # unhashable callables
+        return None
+    return op if op in NORM_OPS else None
+
+
 def op_name(func) -> Tuple[str, bool]:
     """Canonical op name of a ``__torch_function__`` func, and whether its operands are swapped."""
     try:
