@@ -17,7 +17,15 @@ from neural_mechanics_ext.symmetry.rules import build_candidate, find_sources, p
 from neural_mechanics_ext.symmetry.rules.registry import PROPAGATE
 from neural_mechanics_ext.symmetry.rules.state import F64, SCALE, SHIFT, Dead, Propagation, Source
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Labels are float64: literal expectations are written in the default dtype, restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class _Fn(nn.Module):
@@ -64,7 +72,7 @@ def roots(prop):
     return prop.uf.table().tolist()
 
 
-CH = torch.arange(4.0)          # one group per channel of a [*, 4] activation
+CH = torch.arange(4.0, dtype=F64)          # one group per channel of a [*, 4] activation
 
 
 # ---------------------------------------------------------------------- elementwise
@@ -116,8 +124,10 @@ def test_mul_div_carry_a_scaling_through_an_unperturbed_factor():
     g = trace(lambda m, x, y: (x * y) / y, torch.randn(2, 4), torch.rand(2, 4) + 1)
     prop, node = run(g, "mul", [CH, None])
     assert torch.equal(out_labels(prop, node), CH.expand(2, 4))
-    with pytest.raises(Dead, match="two perturbed"):
-        run(g, "mul", [CH, CH])
+    prop, node = run(g, "mul", [CH, CH])                   # x·x: scaled to the power 2
+    assert prop.degree(node.outputs[0]) == 2.0
+    with pytest.raises(Dead, match="different groups"):
+        run(g, "mul", [CH, CH.flip(0)])
     with pytest.raises(Dead, match="divides by a perturbed"):
         run(g, "div", [None, CH])
     with pytest.raises(Dead, match="rescales the shift by a tensor"):
@@ -245,6 +255,167 @@ def test_layer_and_embedding_sources():
     assert srcs[1].members == [("w", None, 1, (3, 4, 1))] and srcs[4].members == [("e", None, 1, (1, 5, 6))]
 
 
+def test_addmm_conv1d_sources_read_the_weight_as_in_out():
+    """GPT-2's Conv1D: ``addmm(b, x, W)`` with W [in, out]: output unit k is W's COLUMN k (+ b[k]); the
+    input shift of feature j is W's ROW j."""
+    g = trace(lambda m, x: torch.addmm(m.b, x, m.w), torch.randn(2, 4), w=torch.randn(4, 3), b=torch.randn(3))
+    units, rows, bias = find_sources(g)
+    assert (units.mode, units.what, units.k0) == (SCALE, "units", 3)
+    assert units.members[0][0] == "w" and torch.equal(units.members[0][1], torch.arange(3).view(1, 3).expand(4, 3))
+    assert units.members[1][0] == "b"
+    assert (rows.mode, rows.what, rows.members) == (SHIFT, "rows", [("w", None, 1, (1, 4, 3))])
+    assert (bias.mode, bias.what, bias.k0) == (SHIFT, "bias", 3)
+
+
+def test_addmm_reading_a_scaled_input_compensates_with_the_rows_of_w():
+    g = trace(lambda m, x: torch.addmm(m.b, x, m.w), torch.randn(2, 4), w=torch.randn(4, 3), b=torch.randn(3))
+    prop, node = run(g, "addmm", [CH])
+    (_, name, cmap), = prop.consumers
+    assert name == "w" and torch.equal(cmap, CH.view(4, 1).expand(4, 3))
+    assert node.outputs[0] not in prop.g
+    g2 = trace(lambda m, x, y: torch.addmm(m.b, x, y), torch.randn(2, 4), torch.randn(4, 3), b=torch.randn(3))
+    with pytest.raises(Dead, match="does not scale"):        # activation @ activation + a bias
+        run(g2, "addmm", [torch.arange(2.0).view(2, 1), None])
+
+
+def test_einsum_with_a_parameter_in_any_orientation():
+    g = trace(lambda m, x: torch.einsum("bsi,oi->bso", x, m.w).sum() + torch.einsum("io,bsi->bos", m.v, x).sum(),
+              torch.randn(2, 3, 4), w=torch.randn(5, 4), v=torch.randn(4, 5))
+    (u1, c1), (u2, c2) = find_sources(g)[:2], find_sources(g)[2:]
+    assert torch.equal(u1.members[0][1], torch.arange(5).view(5, 1).expand(5, 4)) and c1.members[0][3] == (5, 4, 1)
+    assert torch.equal(u2.g[0, :, 0], torch.arange(5.0))                 # units on axis 1 of "bos"
+    assert c2.members[0][3] == (1, 4, 5) and c2.what == "rows"
+    prop, _ = run(g, "einsum", [CH])
+    assert torch.equal(prop.consumers[0][2], CH.view(1, 4).expand(5, 4))
+    prop, _ = run(g, "einsum", [CH], nth=1)
+    assert torch.equal(prop.consumers[0][2], CH.view(4, 1).expand(4, 5))
+
+
+def test_einsum_of_activations_keeps_the_labels_of_the_kept_axes():
+    g = trace(lambda m, a, b: torch.einsum("bij,bjk->bki", a, b), torch.randn(1, 2, 3), torch.randn(1, 3, 4))
+    prop, node = run(g, "einsum", [torch.arange(2.0).view(1, 2, 1), None])
+    assert torch.equal(out_labels(prop, node)[0], torch.tensor([[0.0, 1]]).expand(4, 2))
+
+
+def test_a_parameter_multiplied_in_is_a_scale_source_and_one_added_joins_it():
+    g = trace(lambda m, x: (m.g * x + m.b) @ m.w, torch.randn(3, 4), g=torch.rand(4) + 0.5, b=torch.randn(4),
+              w=torch.randn(4, 2))
+    src = find_sources(g)[0]
+    assert (src.mode, src.k0, src.members[0][0]) == (SCALE, 4, "g")
+    cand = build_candidate(g, src)
+    assert cand.family.kind == "rescale" and sorted(cand.family.members) == [
+        ("b", (1, 4, 1), 1), ("g", (1, 4, 1), 1), ("w", (1, 4, 2), -1)]
+
+
+def test_a_parameter_added_to_an_activation_is_a_shift_source():
+    g = trace(lambda m, x: F.layer_norm(x + m.pos + m.c, (4,)), torch.randn(2, 3, 4), pos=torch.randn(3, 4),
+              c=torch.randn(4))
+    pos, c = [s for s in find_sources(g) if s.mode == SHIFT]
+    assert (pos.what, pos.members) == ("rows", [("pos", None, 1, (1, 3, 4))])
+    assert (c.what, c.k0) == ("bias", 4)
+    assert build_candidate(g, pos).family.members == [("pos", (1, 3, 4), 1)]     # LayerNorm absorbs it
+    assert build_candidate(g, c).family.members == [("c", (1, 1, 4), 1)]         # merged: one group
+
+
+def test_powers_and_products_track_the_power_of_the_scaling():
+    g = trace(lambda m, x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), torch.randn(3, 4))
+    prop, node = run(g, "pow", [CH])
+    assert prop.degree(node.outputs[0]) == 2.0
+    prop, node = run(g, "rsqrt", [torch.zeros(1)])
+    assert prop.degree(node.outputs[0]) == -0.5
+    with pytest.raises(Dead, match="not shift-equivariant"):
+        run(g, "pow", [CH], mode=SHIFT, shifts=[0.0])
+    # x · rsqrt(...): powers 1 and −1 of the same group cancel: invariant, an absorber
+    node = node_of(g, "mul")
+    prop = Propagation(g, Source(SCALE, node, "test", "units", 1, torch.zeros(1), None, []))
+    x, r = node.inputs
+    prop.set(x, torch.zeros(x.shape))
+    prop.set(r, torch.zeros(r.shape), degree=-1.0)
+    prop.in_degrees = {1.0, -1.0}
+    PROPAGATE["mul"](prop, node, *node.call_args())
+    assert prop.absorbers == [node] and node.outputs[0] not in prop.g
+
+
+def test_a_layer_cannot_compensate_another_power():
+    g = trace(lambda m, x: F.linear(x, m.w), torch.randn(2, 4), w=torch.randn(3, 4))
+    node = node_of(g, "linear")
+    prop = Propagation(g, Source(SCALE, node, "test", "units", 4, torch.zeros(1), None, []))
+    prop.set(node.inputs[0], CH.expand(2, 4).clone(), degree=2.0)
+    prop.in_degrees = {2.0}
+    with pytest.raises(Dead, match="power other than 1"):
+        PROPAGATE["linear"](prop, node, *node.call_args())
+
+
+def test_the_eps_of_a_hand_written_normaliser_is_accepted_only_after_a_second_moment():
+    g = trace(lambda m, x: (x.pow(2).mean(-1, keepdim=True) + 1e-6) + (x.abs().mean(-1, keepdim=True) + 1e-6),
+              torch.randn(3, 4))
+    prop, node = run(g, "add", [torch.zeros(1)])
+    assert prop.approx and prop.approx[0][1] == 1e-6 and 0 < prop.approx[0][2] < 1e-4
+    with pytest.raises(Dead, match="does not scale"):      # mean |x| + eps: not a variance
+        run(g, "add", [torch.zeros(1)], nth=1)
+
+
+def test_x_minus_its_mean_and_the_variance_absorb_a_uniform_shift():
+    g = trace(lambda m, x: (x - x.mean(-1, keepdim=True)) / x.var(-1, keepdim=True), torch.randn(3, 4))
+    prop, node = run(g, "sub", [CH, torch.zeros(1)], mode=SHIFT, shifts=[0.0, 0.0])
+    assert prop.absorbers == [node] and roots(prop)[:4] == [0, 0, 0, 0]
+    with pytest.raises(Dead, match="two shifted"):
+        run(g, "sub", [CH, torch.zeros(1)], mode=SHIFT, shifts=[0.0, 1.0])
+    prop, node = run(g, "var", [CH], mode=SHIFT, shifts=[0.0])
+    assert prop.absorbers == [node]
+    prop, node = run(g, "var", [CH])
+    assert prop.degree(node.outputs[0]) == 2.0
+
+
+class _RMS(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):      # HF's LlamaRMSNorm, written out
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _LN(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class _Net(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.a, self.n1, self.b, self.head = nn.Linear(6, 8), norm(8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(self.n1(self.a(x)))))
+
+
+@pytest.mark.parametrize("hand, module", [(_RMS, nn.RMSNorm), (_LN, nn.LayerNorm)], ids=["RMSNorm", "LayerNorm"])
+def test_hand_written_normalisers_give_the_families_of_the_module(hand, module):
+    """Linear a → norm n1 → Linear b: a's units are one scale group (the norm absorbs them; eps-approximate,
+    proved at eps → 0), n1 (γ, β) ↔ b's columns, b ↔ head through the ReLU, and for LayerNorm a's column
+    and bias shifts (absorbed: LayerNorm subtracts the mean); head's columns and bias (cross-entropy).  The hand-written versions must give exactly what the torch modules give."""
+    from neural_mechanics_ext import find_symmetries
+    x = torch.randn(16, 6)
+    results = []
+    for norm in (hand, module):
+        torch.manual_seed(0)
+        fams = find_symmetries(_Net(norm), x)
+        for f in fams:
+            assert f.residual <= f.tolerance
+            if f.extra.get("approx"):
+                assert f.extra["residual_eps_limit"] <= 1e-8, f.name
+        results.append({(f.kind, frozenset(f.members)) for f in fams})
+    assert results[0] == results[1]
+    assert len(results[0]) == (5 if module is nn.LayerNorm else 3) + 2      # + head columns and bias
+
+
 # ---------------------------------------------------------------------- attention
 def test_sdpa_passes_value_scalings_and_refuses_perturbed_queries():
     q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
@@ -252,6 +423,9 @@ def test_sdpa_passes_value_scalings_and_refuses_perturbed_queries():
     lab = CH.view(1, 1, 1, 4).expand(1, 2, 3, 4)
     prop, node = run(g, "scaled_dot_product_attention", [None, None, lab])
     assert torch.equal(out_labels(prop, node), lab)
+    g = trace(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q, k[:, :1], v[:, :1])
+    prop, node = run(g, "scaled_dot_product_attention", [None, None, torch.arange(4.0).view(1, 1, 1, 4)])
+    assert torch.equal(out_labels(prop, node), lab)           # both query heads read kv head 0
     with pytest.raises(Dead, match="query is perturbed"):
         run(g, "scaled_dot_product_attention", [lab, None, None])
 

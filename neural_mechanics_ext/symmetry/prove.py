@@ -58,6 +58,7 @@ from .. import _backend
 from ..plan import MomentPlan
 from .capture import capture
 from .eps_limit import NormaliserWatch
+from .float64 import KeepFloat64
 from .family import SymmetryFamily
 from .residual import family_residuals
 
@@ -113,6 +114,15 @@ class ProofSetup:
     def loss_of(self, outputs) -> torch.Tensor:
         if callable(self.loss):
             return self.loss(outputs, self.targets)
+        own = getattr(outputs, "loss", None)
+        if not isinstance(outputs, torch.Tensor) and own is not None:
+            if not isinstance(own, torch.Tensor) or own.numel() != 1:
+                raise TypeError(f"the model returned {type(outputs).__name__} whose .loss is not a scalar tensor")
+            return own       # the model's own loss (a Hugging Face ModelOutput, given labels)
+        if not isinstance(outputs, torch.Tensor) and hasattr(outputs, "loss"):
+            raise TypeError(f"the model returned {type(outputs).__name__} without a loss: pass the labels in "
+                            f"example_inputs (e.g. {{'input_ids': x, 'labels': x}}) to use the model's own loss, "
+                            f"or loss=callable(outputs, targets) and targets=")
         if not isinstance(outputs, torch.Tensor):
             raise TypeError(f"loss={self.loss!r} needs the model to return one tensor, it returned "
                             f"{type(outputs).__name__}; pass loss=callable(outputs, targets) and targets=")
@@ -126,7 +136,7 @@ class ProofSetup:
         return F.mse_loss(outputs, self.targets)
 
     def capture(self):
-        with self.rng():
+        with self.rng(), KeepFloat64():
             return capture(self.model, self.args, self.kwargs, self.loss_of)
 
     def gradients(self, eps_limit: bool = False) -> Dict[int, torch.Tensor]:
@@ -134,7 +144,7 @@ class ProofSetup:
         normaliser's eps replaced by EPS_LIMIT.  Sets ``has_normalisers``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         watch = NormaliserWatch(eps_limit)
-        with self.rng(), watch:
+        with self.rng(), KeepFloat64(), watch:
             loss = self.loss_of(self.model(*self.args, **self.kwargs))
         self.has_normalisers = watch.seen
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -49,7 +49,10 @@ def sdpa(prop, node, args, kwargs) -> None:
     for key in ("query", "key", "attn_mask"):
         if prop.reached(a.get(key)):
             raise Dead(f"{where}: the {key} is perturbed (attention weights would change)")
-    v = a["value"]
+    v, out = a["value"], node.outputs[0]
     rows, kept = fibers(prop.g[v], [len(v.shape) - 2])
-    rep = prop.merge_rows(rows, where).view(kept)
-    prop.set_bcast(node, node.outputs[0], rep.unsqueeze(-2))
+    rep = prop.merge_rows(rows, where).view(kept).unsqueeze(-2)
+    if a.get("enable_gqa", False) and len(v.shape) >= 3 and out.shape[-3] != v.shape[-3]:
+        # grouped-query attention: query head h reads kv head h // (H / G)
+        rep = rep.repeat_interleave(out.shape[-3] // v.shape[-3], dim=-3)
+    prop.set_bcast(node, out, rep)

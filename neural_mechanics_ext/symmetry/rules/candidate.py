@@ -82,7 +82,8 @@ def _members(src: Source, prop: Propagation):
     """``(name, view, sign)`` of every source (+1) and consumer (−1) parameter, and the problems of
     those whose group map no view expresses."""
     table = prop.uf.table().long()
-    maps = list(src.members) + [(pn, cm, -1, None) for _, pn, cm in prop.consumers]
+    maps = list(src.members) + [(pn, cm, 1, None) for pn, cm in prop.joined]
+    maps += [(pn, cm, -1, None) for _, pn, cm in prop.consumers]
     members, problems = [], []
     lut, k = None, 0
     for pn, cm, sign, view in maps:
@@ -146,5 +147,6 @@ def _unexpressible(pn: str, cmap: torch.Tensor, canon: torch.Tensor, k: int, sig
         return (f"{side} {pn}: only part of the tensor belongs to the groups, and an (A, K, B) view must "
                 f"cover the whole tensor")
     return (f"{side} {pn} (shape {tuple(cmap.shape)}): its slices for the {k} groups do not form an "
-            f"(A, K, B) view (e.g. a grouped conv whose groups hold several channels, or a permuted "
-            f"consumer)")
+            f"(A, K, B) view (e.g. a grouped conv whose groups hold several channels, a permuted consumer, or "
+            f"the o_proj columns of all query heads sharing a kv head under grouped-query attention); this "
+            f"needs views that address strided parts of a tensor")

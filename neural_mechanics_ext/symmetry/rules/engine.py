@@ -34,6 +34,7 @@ def propagate(graph: Graph, src: Source) -> Propagation:
             what = "scaling" if prop.mode == SCALE else "shift"
             raise Dead(f"{describe_op(node)} does not preserve the {what}")
         args, kwargs = node.call_args()
+        prop.in_degrees = {prop.degree(v) for v in node.inputs if v in prop.g}
         rule(prop, node, args, kwargs)
     if graph.loss in prop.g:
         raise Dead("the perturbation reaches the loss")

@@ -85,3 +85,58 @@ def _record(prop, node, a) -> None:
             prop.approx.append((f"{NORM_TAG[op]} {op_layer(node, prop.graph)}", eps,
                                 node.stats.get("max_ratio", 1.0), node.stats.get("set_size", 0)))
     prop.absorbers.append(node)
+
+
+# ---------------------------------------------------------------------- normalisers written out by hand
+def second_moment(v) -> bool:
+    """A mean or sum of squares, or a variance (what a hand-written normaliser adds its eps to).  The
+    same definition, on tensors at run time, is :class:`~neural_mechanics_ext.symmetry.eps_limit.NormaliserWatch`'s."""
+    node = v.producer
+    if node is None:
+        return False
+    if node.op == "var":
+        return True
+    if node.op not in ("mean", "sum") or not node.inputs:
+        return False
+    sq = node.inputs[0].producer
+    if sq is None:
+        return False
+    args, kwargs = sq.call_args()
+    if sq.op == "square":
+        return True
+    if sq.op == "pow" and not sq.reversed:
+        n = args[1] if len(args) > 1 else kwargs.get("exponent")
+        return isinstance(n, (int, float)) and not isinstance(n, bool) and float(n) == 2.0
+    return sq.op == "mul" and len(args) > 1 and args[0] is args[1]
+
+
+def hand_written_eps(prop, node, x, eps) -> bool:
+    """``second moment + eps`` with a positive number: the eps of a normaliser written out by hand
+    (HF's RMSNorm, LayerNorm variants).  It keeps the scaling approximately (O(eps/var)): recorded for
+    the tolerance rule like a normaliser call's eps."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not second_moment(x):
+        return False
+    prop.approx.append((f"norm {op_layer(node, prop.graph)}", float(eps), node.stats.get("max_ratio", 1.0),
+                        node.stats.get("set_size", 0)))
+    return True
+
+
+def variance(prop, node, args, kwargs) -> None:
+    """``var(x)``: a scaling goes to the power 2 (one group per reduced set); a shift uniform over each
+    reduced set disappears (the variance absorbs it)."""
+    a = bind_args(("input", "dim"), args, kwargs)
+    x = a["input"]
+    prop.only_first_reached(node, x)
+    nd = len(x.shape)
+    dim = a.get("dim")
+    dims = list(range(nd)) if dim is None else sorted({d % nd for d in ([dim] if isinstance(dim, int) else dim)})
+    rows, _ = fibers(prop.g[x], dims)
+    rep = prop.merge_rows(rows, describe_op(node))
+    if prop.mode == SHIFT:
+        prow, _ = fibers(prop.p[x], dims)
+        if not constant_rows(prow):
+            raise Dead(f"{describe_op(node)}: the shift differs inside one reduced set")
+        prop.absorbers.append(node)
+        return
+    out = node.outputs[0]
+    prop.set(out, rep.reshape(out.shape).clone(), degree=2 * prop.degree(x))

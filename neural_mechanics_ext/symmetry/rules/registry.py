@@ -26,6 +26,8 @@ PROPAGATE: Dict[str, Handler] = {
     "rsub": elementwise.add_sub,
     "mul": elementwise.mul_div,
     "div": elementwise.mul_div,
+    **dict.fromkeys(elementwise.POWERS, elementwise.power),
+    "var": normalisers.variance,
     **dict.fromkeys(movement.MOVE, movement.replay),
     "setitem": movement.setitem,
     "pad": movement.pad,
@@ -35,6 +37,9 @@ PROPAGATE: Dict[str, Handler] = {
     "interpolate": reductions.interpolate,
     **dict.fromkeys(linear.LAYERS, linear.layer),
     "matmul": linear.matmul,
+    "addmm": linear.addmm,
+    "baddbmm": linear.addmm,
+    "einsum": linear.einsum,
     "multi_head_attention_forward": attention.mha,
     "scaled_dot_product_attention": attention.sdpa,
     **dict.fromkeys(normalisers.NORMALISERS, normalisers.normaliser),
@@ -45,6 +50,9 @@ PROPAGATE: Dict[str, Handler] = {
 
 SOURCES: Dict[str, Callable[..., List[Source]]] = {
     **dict.fromkeys(linear.LAYERS, linear.layer_sources),
+    **dict.fromkeys(("matmul", "addmm", "einsum"), linear.contraction_sources),
     "embedding": linear.embedding_sources,
+    "mul": elementwise.mul_sources,
+    "add": elementwise.add_sources,
     **dict.fromkeys(normalisers.NORMALISERS - {"normalize"}, normalisers.sources),
 }

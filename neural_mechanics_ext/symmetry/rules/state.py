@@ -23,7 +23,9 @@ SCALE, SHIFT = "scale", "shift"
 DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
 NORM_TAG = {"batch_norm": "BN", "instance_norm": "IN", "group_norm": "GN", "layer_norm": "LN",
             "rms_norm": "RMSNorm", "normalize": "normalize", "cross_entropy": "cross-entropy",
-            "softmax": "softmax", "log_softmax": "log-softmax"}
+            "softmax": "softmax", "log_softmax": "log-softmax",
+            # a hand-written normaliser absorbs where the scaling cancels (x·rsqrt(...)) or the shift (x − μ)
+            "mul": "norm", "div": "norm", "sub": "norm", "var": "norm"}
 
 
 class Dead(Exception):
@@ -80,6 +82,11 @@ class Propagation:
         self.p: Dict[Value, torch.Tensor] = {}
         self.absorbers: List[Node] = []
         self.consumers: List[Tuple[Node, str, torch.Tensor]] = []
+        self.joined: List[Tuple[str, torch.Tensor]] = []     # parameters scaled with the source
+        # A scaling reaches an element as α^d: d = 1 from a source, other powers after pow/sqrt/rsqrt or a
+        # product of two scaled tensors (a hand-written normaliser); d = 0 is invariance.
+        self.deg: Dict[Value, float] = {}
+        self.in_degrees = {1.0}                               # of the reached inputs of the current call
         self.forced: Optional[str] = None
         self.approx: List[Tuple[str, float, float, int]] = []
         self.composite = float(2 ** 40)     # next fresh shift label for a mixture of shifts
@@ -94,11 +101,22 @@ class Propagation:
     def plab(self, v: Value) -> torch.Tensor:
         return self.p[v] if v in self.p else torch.full(v.shape, -1.0, dtype=F64)
 
-    def set(self, v: Optional[Value], g: torch.Tensor, p: Optional[torch.Tensor] = None) -> None:
+    def degree(self, v: Value) -> float:
+        return self.deg.get(v, 1.0)
+
+    def set(self, v: Optional[Value], g: torch.Tensor, p: Optional[torch.Tensor] = None,
+            degree: Optional[float] = None) -> None:
+        """Give ``v`` the labels ``g`` (and shifts ``p``), scaled to the power ``degree`` (default: the
+        power of the call's reached inputs, which must agree)."""
         if v is None:
             return
         if tuple(g.shape) != tuple(v.shape):
             raise Dead(f"internal: label shape {tuple(g.shape)} != {tuple(v.shape)}")
+        if degree is None:
+            if len(self.in_degrees) != 1:
+                raise Dead(f"{describe_op(v.producer)} combines tensors scaled to different powers")
+            degree = next(iter(self.in_degrees))
+        self.deg[v] = degree
         self.g[v] = g
         if self.mode == SHIFT:
             self.p[v] = p
@@ -168,7 +186,15 @@ class Propagation:
     # -- outcomes
     def consume(self, node: Node, w: Value, cmap: torch.Tensor) -> None:
         """``w``'s slices ``cmap`` compensate the scaling: they join the family with sign −1."""
+        if self.in_degrees != {1.0}:
+            raise Dead(f"{describe_op(node)} reads a tensor scaled to a power other than 1, which its weights "
+                       f"cannot compensate")
         self.consumers.append((node, w.name, cmap.to(F64)))
+
+    def join(self, w: Value, cmap: torch.Tensor) -> None:
+        """``w``'s slices ``cmap`` scale with the source (a bias added after a scaled weight): they join
+        the family with sign +1."""
+        self.joined.append((w.name, cmap.to(F64)))
 
     def rerun(self, node: Node, labels: Dict[Value, torch.Tensor]):
         """Replay a data-movement call on label tensors; returns its flattened outputs."""
