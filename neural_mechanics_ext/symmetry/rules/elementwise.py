@@ -124,7 +124,7 @@ def _join(prop, node, x, beta) -> None:
     order = rows[:, 1].argsort(stable=True)
     per = rows[order, 0].view(math.prod(beta.shape), -1)
     rep = prop.merge_rows(per, describe_op(node))
-    prop.join(beta, rep.view(beta.shape))
+    prop.join(node, beta, rep.view(beta.shape))
     prop.set(out, lab.clone())
 
 

@@ -191,9 +191,11 @@ class Propagation:
                        f"cannot compensate")
         self.consumers.append((node, w.name, cmap.to(F64)))
 
-    def join(self, w: Value, cmap: torch.Tensor) -> None:
+    def join(self, node: Node, w: Value, cmap: torch.Tensor) -> None:
         """``w``'s slices ``cmap`` scale with the source (a bias added after a scaled weight): they join
         the family with sign +1."""
+        if self.in_degrees != {1.0}:
+            raise Dead(f"{describe_op(node)} adds {w.name} to a tensor scaled to a power other than 1")
         self.joined.append((w.name, cmap.to(F64)))
 
     def rerun(self, node: Node, labels: Dict[Value, torch.Tensor]):
