@@ -130,9 +130,10 @@ def gpt2_expected(tied: bool):
     return fams
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_gpt2(tied):
-    model = gpt2(tied)
+@pytest.mark.parametrize("tied, attn", [(False, "eager"), (True, "eager"), (False, "sdpa")],
+                         ids=["untied", "tied", "untied-sdpa"])
+def test_gpt2(tied, attn):
+    model = gpt2(tied, attn)
     fams, rejected = discover(model)
     expected = gpt2_expected(tied)
     assert len(expected) == (13 if tied else 16)

@@ -129,7 +129,10 @@ def variance(prop, node, args, kwargs) -> None:
     prop.only_first_reached(node, x)
     nd = len(x.shape)
     dim = a.get("dim")
-    dims = list(range(nd)) if dim is None else sorted({d % nd for d in ([dim] if isinstance(dim, int) else dim)})
+    if dim is None or isinstance(dim, bool):          # torch.var(x) or the old torch.var(x, unbiased)
+        dims = list(range(nd))
+    else:
+        dims = sorted({d % nd for d in ([dim] if isinstance(dim, int) else dim)})
     rows, _ = fibers(prop.g[x], dims)
     rep = prop.merge_rows(rows, describe_op(node))
     if prop.mode == SHIFT:
