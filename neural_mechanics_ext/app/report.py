@@ -27,7 +27,10 @@ from ..runfolder import load_run
 
 
 def optimizer_text(config: Dict[str, Any]) -> str:
-    """``SGD, lr 0.05, momentum 0.9, weight decay 0.0005`` from a config."""
+    """``SGD, lr 0.05, momentum 0.9, weight decay 0.0005`` from a config (a framework callback's run folder
+    describes its optimizer itself, in ``optimizer``)."""
+    if config.get("optimizer"):
+        return config["optimizer"]
     parts = [f"SGD lr {config['lr']:g}"]
     if config.get("momentum"):
         parts.append(f"momentum {config['momentum']:g}" + (" (Nesterov)" if config.get("nesterov") else ""))
@@ -197,8 +200,9 @@ def _overview(run) -> str:
     items = [f"<b>{len(run['families'])}</b> symmetry families: "
              + ", ".join(f"{n} {k}" for k, n in kinds.items()),
              f"model <b>{html.escape(c['model'])}</b> on <b>{html.escape(str(c['data']))}</b> "
-             f"({c.get('num_classes')} classes, {c.get('image_size')}×{c.get('image_size')}), "
-             f"{optimizer_text(c)}, batch {c['batch_size']}, {'float64 (--exact)' if c.get('exact') else 'float32'}"
+             + (f"({c.get('num_classes')} classes, {c.get('image_size')}×{c.get('image_size')}), "
+                if c.get("num_classes") else ", ")
+             + f"{optimizer_text(c)}, batch {c['batch_size']}, {'float64 (--exact)' if c.get('exact') else 'float32'}"
              + (", AMP" if c.get("amp") else ""),
              f"<b>{steps_done}</b> of {c.get('steps')} steps tracked"]
     if s and s.get("final_loss") is not None:
