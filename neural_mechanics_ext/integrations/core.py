@@ -109,23 +109,57 @@ def model_loss(outputs) -> torch.Tensor:
     return loss.reshape(())
 
 
-def discover(model: torch.nn.Module, example_inputs, prefix: str = "") -> List[SymmetryFamily]:
-    """The families of ``model`` proved on one training batch with the loss the model computes itself.
+def discover(model: torch.nn.Module, example_inputs, samples: int = 8, prefix: str = "") -> List[SymmetryFamily]:
+    """The families of ``model`` proved on the first ``samples`` samples of a training batch (a few suffice,
+    and the proof runs in float64) with the loss the model computes itself.
 
     ``prefix`` is removed from the parameter names (an adapter module that holds the real one)."""
     if sharded(model):
         raise ValueError("SymmetryCallback: the parameters are sharded (FSDP2), and discovery needs the whole "
                          "model: call nmx.find_symmetries on the model before sharding and pass families=")
-    families = find_symmetries(model, example_inputs, loss=lambda outputs, _: model_loss(outputs), targets=())
+    families = find_symmetries(model, first_samples(example_inputs, samples),
+                               loss=lambda outputs, _: model_loss(outputs), targets=())
     if not prefix:
         return families
 
     def strip(text):
         return None if text is None else re.sub(rf"(?<![\w.]){re.escape(prefix)}", "", text)
 
-    return [dataclasses.replace(f, name=strip(f.name), layer=strip(f.layer),
+    return [dataclasses.replace(f, name=strip(f.name), layer=strip(f.layer), note=strip(f.note),
                                 members=[(n[len(prefix):] if n.startswith(prefix) else n, v, s)
                                          for n, v, s in f.members]) for f in families]
+
+
+def first_samples(batch, n: int):
+    """``batch`` (tensors in dicts, lists and tuples) cut to its first ``n`` samples along the leading
+    dimension shared by its tensors; other values (a 0-d token count, strings) are kept as they are."""
+    sizes = []
+
+    def visit(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            sizes.append(x.shape[0])
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit(batch)
+    if not sizes or n >= sizes[0]:
+        return batch
+    size = sizes[0]
+
+    def cut(x):
+        if isinstance(x, torch.Tensor):
+            return x[:n] if x.dim() > 0 and x.shape[0] == size else x
+        if isinstance(x, Mapping):
+            return {k: cut(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(cut(v) for v in x)
+        return x
+
+    return cut(batch)
 
 
 def scalar_key(family: str) -> str:
@@ -194,6 +228,7 @@ class TrackedRun:
         self.latest = LatestRows()
         self.runlog: Optional[RunLog] = None
         self.logged_step = -1
+        self.finished = False
         self.seconds_before = 0.0
         self.t0 = time.perf_counter()
 
@@ -276,9 +311,10 @@ class TrackedRun:
         return [SymmetryFamily(**{**f, "members": [tuple(m) for m in f["members"]]}) for f in state["families"]]
 
     def finish(self, status: str, summary: Dict[str, Any]) -> None:
-        """Close the tracker and write summary.json (what ``report`` shows as the run's outcome)."""
-        if self.tracker is None:
+        """Close the tracker and write summary.json (what ``report`` shows as the run's outcome); once."""
+        if self.tracker is None or self.finished:
             return
+        self.finished = True
         self.tracker.close()
         if not self.write:
             return

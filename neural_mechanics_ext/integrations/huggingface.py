@@ -33,6 +33,7 @@ class SymmetryCallback(TrainerCallback):
             history, train_log.csv and summary.json; ``neural-mechanics report`` draws it.
         families: the families to track (default: found on the first training batch).  Needed under FSDP2
             (find them with ``nmx.find_symmetries`` on the model before it is sharded).
+        discovery_samples: how many samples of the first batch discovery proves the families on.
         log_fields: the per-family scalars added to the Trainer's logs at ``logging_steps`` (see
             ``integrations.core.FIELDS``); () for none.
         resume_from: when the Trainer resumes, the checkpoint folder whose tracker state to continue
@@ -44,9 +45,11 @@ class SymmetryCallback(TrainerCallback):
     """
 
     def __init__(self, out_dir: Optional[str] = None, *, families: Optional[Sequence[SymmetryFamily]] = None,
-                 log_fields: Sequence[str] = DEFAULT_FIELDS, resume_from: Union[str, bool, None] = None,
+                 log_fields: Sequence[str] = DEFAULT_FIELDS, discovery_samples: int = 8,
+                 resume_from: Union[str, bool, None] = None,
                  **tracker_options: Any):
         self.out_dir, self.families, self.log_fields = out_dir, families, tuple(log_fields)
+        self.discovery_samples = discovery_samples
         self.resume_from, self.tracker_options = resume_from, tracker_options
         TrackedRun(out_dir or ".", self.log_fields, False, tracker_options)   # bad options fail here, not later
         self.run: Optional[TrackedRun] = None
@@ -82,7 +85,7 @@ class SymmetryCallback(TrainerCallback):
                 return
             self._discovery.remove()
             with torch.autocast(next(module.parameters()).device.type, enabled=False):
-                found = discover(module, kwargs_ if kwargs_ else args_)
+                found = discover(module, kwargs_ if kwargs_ else args_, self.discovery_samples)
             self.run.start(module, optimizer, found, config)
 
         # The families are proved on the first training batch, as the Trainer feeds it to the model.
