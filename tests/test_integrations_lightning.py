@@ -177,3 +177,33 @@ def test_unsupported_strategies_are_refused_with_what_to_do():
 
     with pytest.raises(ValueError, match="FSDP2"):
         callback.setup(Fake(), None, "fit")
+
+
+def test_the_closure_runs_before_the_step_hooks_and_scheduler_marks_survive():
+    """What the callback does to the optimizer's step, alone: the hooks see the closure's gradients, the
+    result is the closure's loss, an LR scheduler's mark is kept (no 'overridden' warning), and undoing it
+    gives back the step that was there."""
+    import warnings
+    from neural_mechanics_ext.integrations.lightning import _restore_step, _run_closure_before_hooks
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+    before = opt.step
+    _run_closure_before_hooks(opt)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(model.weight.grad.clone()))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = opt.step(closure)
+        scheduler.step()
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad   # the closure's loss is returned
+    assert torch.equal(seen[0], torch.ones(1, 2))   # d(sum(w·1 + b))/dw = 1: the closure ran first
+    _restore_step(opt)
+    assert opt.step == before

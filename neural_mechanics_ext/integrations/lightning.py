@@ -11,6 +11,7 @@ the loss the module's own ``training_step`` returns.  Its state travels in Light
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Optional, Sequence
@@ -145,6 +146,7 @@ def _run_closure_before_hooks(optimizer: torch.optim.Optimizer) -> None:
         return
     original = optimizer.step
 
+    @functools.wraps(original)   # keeps the marks others put on it (an LR scheduler's step counter)
     def step(closure=None, **kwargs):
         if closure is None:
             return original(**kwargs)
