@@ -94,6 +94,8 @@ def test_a_model_without_families_gets_a_clear_message_and_no_tracker(tmp_path):
     with pytest.warns(UserWarning, match="no symmetry family"):
         assert run.start(model, torch.optim.SGD(model.parameters(), lr=0.1), [], {}) is None
     assert run.scalars() == {} and run.tracker is None
+    saved = run.state_dict(3)   # a checkpoint of such a run resumes into the same nothing, without an error
+    assert saved["families"] == [] and saved["step"] == 3 and TrackedRun.families_of(saved) == []
     run.finish("finished", {})   # nothing to write, no error
 
 

@@ -298,10 +298,12 @@ class TrackedRun:
                              nan if lr is None else float(lr), nan, nan], None)
             self.runlog.flush()
 
-    def state_dict(self) -> Dict[str, Any]:
-        """What a checkpoint keeps: the families and the tracker's state (tensors and plain Python only, so
-        that ``torch.load(weights_only=True)`` reads it)."""
-        return {"version": 1, "step": self.tracker.step,
+    def state_dict(self, step: int) -> Dict[str, Any]:
+        """What a checkpoint keeps at optimizer step ``step``: the families and the tracker's state (tensors and
+        plain Python only, so that ``torch.load(weights_only=True)`` reads it); no families, no tracker."""
+        if self.tracker is None:
+            return {"version": 1, "step": step, "families": [], "tracker": None, "seconds": 0.0}
+        return {"version": 1, "step": step,
                 "families": [dataclasses.asdict(f) for f in self.tracker.families],
                 "tracker": encode(self.tracker.state_dict()),
                 "seconds": self.seconds_before + time.perf_counter() - self.t0}

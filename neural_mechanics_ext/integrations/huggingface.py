@@ -102,11 +102,11 @@ class SymmetryCallback(TrainerCallback):
             self.run.log_train(state.global_step, state.epoch, logs["loss"], logs.get("learning_rate"))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.tracker is None or not state.is_world_process_zero:
+        if self.run is None or not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(self.run.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(self.run.state_dict(state.global_step), os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._discovery is not None:

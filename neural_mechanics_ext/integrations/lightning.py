@@ -46,7 +46,7 @@ class SymmetryCallback(Callback):
         TrackedRun(out_dir or ".", self.log_fields, False, tracker_options)   # bad options fail here
         self.run: Optional[TrackedRun] = None
         self._saved = None
-        self._optimizer = None
+        self._optimizer = self._trainer = None
         self._config = None
         self._step_logged = -1
 
@@ -69,7 +69,7 @@ class SymmetryCallback(Callback):
         model, optimizer = plain_model(pl_module), torch_optimizer(trainer.optimizers[0])
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         refuse_unsupported(optimizer, scaler is not None)
-        self._optimizer = optimizer
+        self._optimizer, self._trainer = optimizer, trainer
         _run_closure_before_hooks(optimizer)
         self.run = TrackedRun(self.out_dir or os.path.join(trainer.default_root_dir, "symmetry"), self.log_fields,
                               trainer.is_global_zero, self.tracker_options)
@@ -110,7 +110,7 @@ class SymmetryCallback(Callback):
         self._finish(trainer, "interrupted")
 
     def state_dict(self):
-        return {} if self.tracker is None else self.run.state_dict()
+        return {} if self.run is None else self.run.state_dict(self._trainer.global_step)
 
     def load_state_dict(self, state_dict):
         # Lightning restores callbacks before the optimizer; the tracker is built with both in on_train_start.
