@@ -6,6 +6,7 @@ The reference values are recomputed by plain torch in the Trainer's own ``on_pre
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -90,7 +91,8 @@ def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_full")
     symmetry = SymmetryCallback()
     reference = Reference(symmetry)
-    trainer = train(out, [symmetry, reference])
+    reporters = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    trainer = train(out, [symmetry, reference], report_to=reporters)
     return out, trainer, symmetry, reference
 
 
@@ -123,6 +125,24 @@ def test_the_trainer_log_holds_the_scalars(full_run):
             assert entry[key] == pytest.approx(history[f.name]["empirical_sum"][entry["step"] - 1], rel=1e-12)
             assert f"symmetry/{scalar_key(f.name)}/residual" in entry
             assert f"symmetry/{scalar_key(f.name)}/exact" not in entry   # NaN under AdamW: not logged
+
+
+def test_report_to_receives_the_scalars(full_run):
+    """TensorBoard (a report_to callback, listed before the user's callbacks) got them: the callback puts
+    them in the logs before the reporters read them."""
+    out, trainer, symmetry, reference = full_run
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(out, "runs")) for f in files
+              if f.startswith("events.out.tfevents")]
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    for f in symmetry.tracker.families:
+        assert f"train/symmetry/{scalar_key(f.name)}/empirical" in tags
 
 
 def test_the_run_folder_is_a_report_run(full_run):

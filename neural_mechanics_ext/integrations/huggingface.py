@@ -161,10 +161,12 @@ def _config(args, state, model, optimizer) -> dict:
     if "betas" in g:
         text += f", betas {tuple(g['betas'])}"
     text += f", weight decay {' / '.join(f'{d:g}' for d in decays)}"
-    if args.lr_scheduler_type and str(args.lr_scheduler_type) != "constant":
-        text += f", {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule"
-        if args.warmup_steps or args.warmup_ratio:
-            text += f" with warmup {args.warmup_steps or args.warmup_ratio}"
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if schedule and schedule != "constant":
+        text += f", {schedule} schedule"
+        warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0)
+        if warmup:
+            text += f" with warmup {warmup:g}"
     world = max(1, args.world_size)
     return {"command": "huggingface", "framework": "transformers.Trainer", "model": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "data": "the Trainer's train_dataset",
