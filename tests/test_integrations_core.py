@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import neural_mechanics_ext as nmx
 from neural_mechanics_ext.integrations.core import (TrackedRun, decode, encode, first_samples, plain_model,
                                                     refuse_unsupported, scalar_key, torch_optimizer)
 
@@ -104,3 +105,24 @@ def test_options_the_callback_owns_are_refused():
         TrackedRun(".", (), False, {"sinks": []})
     with pytest.raises(ValueError, match="log_fields"):
         TrackedRun(".", ("nonsense",), False, {})
+
+
+def test_a_step_the_grad_scaler_skips_leaves_no_record():
+    """What the callbacks rely on for fp16: the hook sits on the torch optimizer's step, which GradScaler does
+    not call when a gradient overflowed (CPU GradScaler here; the CUDA one behaves the same)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    tracker = nmx.SymmetryTracker(model, opt, x)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for poison in (False, True, False):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    assert tracker.step == 2   # three steps asked, the overflowed one skipped
+    assert all(len(h["step"]) == 2 for h in tracker.history().values())
