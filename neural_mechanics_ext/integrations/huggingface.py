@@ -30,7 +30,8 @@ class SymmetryCallback(TrainerCallback):
 
     Args:
         out_dir: the run folder (default ``<output_dir>/symmetry``): config, families, the full per-group
-            history, train_log.csv and summary.json; ``neural-mechanics report`` draws it.
+            history, train_log.csv and summary.json; ``neural-mechanics report`` draws it.  A new run replaces
+            the files of an earlier one there; a resumed run keeps them up to its checkpoint.
         families: the families to track (default: found on the first training batch).  Needed under FSDP2
             (find them with ``nmx.find_symmetries`` on the model before it is sharded).
         discovery_samples: how many samples of the first batch discovery proves the families on.

@@ -28,7 +28,8 @@ class SymmetryCallback(Callback):
     """Tracks the symmetry groups of a Lightning run.
 
     Args:
-        out_dir: the run folder (default ``<trainer.default_root_dir>/symmetry``).
+        out_dir: the run folder (default ``<trainer.default_root_dir>/symmetry``).  A new run replaces the
+            files of an earlier one there; a resumed run keeps them up to its checkpoint.
         families: the families to track (default: found on the first training batch).  Needed under FSDP2
             (ModelParallelStrategy): find them with ``nmx.find_symmetries`` before the model is sharded.
         discovery_samples: how many samples of the first batch discovery proves the families on.
