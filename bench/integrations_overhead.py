@@ -51,8 +51,9 @@ class StepClock(TrainerCallback):
 
 def build(hidden: int, layers: int, seq_len: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
-                                        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=hidden,
+                                        intermediate_size=int(hidden * 8 / 3) // 16 * 16, num_hidden_layers=layers,
+                                        num_attention_heads=max(1, hidden // 64),
                                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=seq_len))
 
 
@@ -102,17 +103,21 @@ def main(argv=None):
             rows.append({"tracked_s": t_on, "untracked_s": t_off, "tracker_per_step_s": per_step})
             print(f"round {r}: tracked {t_on * 1e3:.1f} ms/step, untracked {t_off * 1e3:.1f} ms/step, "
                   f"ratio {t_on / t_off:.4f}; tracker's own: hook {per_step['hook_seconds'] * 1e3:.2f} ms, "
-                  f"processing {per_step['process_seconds'] * 1e3:.2f} ms, writing {per_step['write_seconds'] * 1e3:.2f} ms per step")
+                  f"processing {per_step['process_seconds'] * 1e3:.2f} ms, "
+                  f"writing {per_step['write_seconds'] * 1e3:.2f} ms per step")
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     hook = statistics.median(r["tracker_per_step_s"]["hook_seconds"] for r in rows)
     process = statistics.median(r["tracker_per_step_s"]["process_seconds"] for r in rows)
     write = statistics.median(r["tracker_per_step_s"]["write_seconds"] for r in rows)
     untracked = statistics.median(r["untracked_s"] for r in rows)
+    parameters = sum(p.numel() for p in build(a.hidden, a.layers, a.seq_len).parameters())
     summary = {"workload": vars(a) | {"families": len(families), "groups": sum(f.num_groups for f in families),
-                                      "parameters": sum(p.numel() for p in build(a.hidden, a.layers, a.seq_len).parameters())},
-               "discovery_s": discovery_s, "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]],
+                                      "parameters": parameters},
+               "discovery_s": discovery_s, "ratio_median": statistics.median(ratios),
+               "ratio_quartiles": [q[0], q[2]],
                "untracked_step_s": untracked, "tracker_hook_s_per_step": hook, "tracker_process_s_per_step": process,
-               "tracker_write_s_per_step": write, "tracker_timers_percent": 100 * (hook + process + write) / untracked, "rounds": rows,
+               "tracker_write_s_per_step": write,
+               "tracker_timers_percent": 100 * (hook + process + write) / untracked, "rounds": rows,
                "load_average": os.getloadavg()}
     print(f"overhead: median ratio {summary['ratio_median']:.4f} (quartiles {q[0]:.4f}..{q[2]:.4f}) over {a.rounds} "
           f"paired rounds; the tracker's own timers (hook, processing, run-folder writes): "

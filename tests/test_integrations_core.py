@@ -16,8 +16,8 @@ from neural_mechanics_ext.integrations.core import (TrackedRun, decode, encode, 
 
 
 def test_importing_the_library_imports_no_framework():
-    code = ("import sys, neural_mechanics_ext, neural_mechanics_ext.integrations, neural_mechanics_ext.integrations.core; "
-            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate', 'pytorch_lightning') if m in sys.modules))")
+    code = ("import sys, neural_mechanics_ext, neural_mechanics_ext.integrations.core; print(sorted(m for m in "
+            "('transformers', 'lightning', 'accelerate', 'pytorch_lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

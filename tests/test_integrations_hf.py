@@ -186,8 +186,8 @@ def test_resume_without_a_saved_tracker_says_what_to_do(tmp_path):
 def test_given_families_and_the_gradients_the_optimizer_steps_with(tmp_path):
     """families= skips discovery; a (declared) scale family also records |g_A|², which must be the gradient
     after both micro-batches, unscaled and clipped: what on_pre_optimizer_step sees."""
-    rows = SymmetryFamily("scale", "declared rows of down_proj", [("model.layers.0.mlp.down_proj.weight", (1, 32, 64), 1)],
-                          manual=True)
+    rows = SymmetryFamily("scale", "declared rows of down_proj",
+                          [("model.layers.0.mlp.down_proj.weight", (1, 32, 64), 1)], manual=True)
     symmetry = SymmetryCallback(families=[rows], log_fields=("empirical",))
     reference = Reference(symmetry)
     train(tmp_path, [symmetry, reference], max_grad_norm=0.05)
