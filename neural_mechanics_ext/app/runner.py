@@ -159,13 +159,13 @@ class Stepper:
 def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[str, Any]:
     """Measure the tracker's cost directly, the way ``neural-mechanics bench`` does (:mod:`.overhead`):
     a copy of the model trains on ``batch_list`` (cycled) in interleaved blocks with and without a
-    tracker, ``calibrate_steps`` steps per variant in blocks of up to 4 (each block ends with the
-    tracker's host processing), and the overhead is the median over rounds of the paired block ratios.
-    The real model is not touched and the global RNG is restored.  Returns per-step seconds (medians),
-    the overhead in percent and the quartiles of the block ratios."""
+    tracker, about ``calibrate_steps`` steps per variant in two or more blocks of up to 4 steps (each
+    ends with the tracker's host processing), and the overhead is the median over rounds of the paired
+    block ratios.  The real model is not touched and the global RNG is restored.  Returns per-step
+    seconds (medians), the overhead in percent and the quartiles of the block ratios."""
     devices = [device] if device.type == "cuda" else []
-    block = max(1, min(c.flush_every, 4))
-    rounds = max(2, -(-c.calibrate_steps // block))
+    block = max(1, min(c.flush_every, 4, c.calibrate_steps // 2))
+    rounds = max(2, c.calibrate_steps // block)
     with torch.random.fork_rng(devices=devices):
         twin = copy.deepcopy(model)
         opt = make_optimizer(twin, c)
