@@ -242,7 +242,7 @@ def _overview(run) -> str:
         if d and "percent" in d:
             q1, q3 = d.get("percent_quartiles") or (None, None)
             text += (f"; measured directly <b id='overhead-direct'>{fmt(d['percent'], '+.1f')} %</b> "
-                     f"(median over {d['steps']} paired steps with vs without a tracker, on copies of the model; "
+                     f"(median over {d['steps']} steps with vs without a tracker in interleaved blocks, on a copy of the model; "
                      f"quartiles {fmt(q1, '+.0f')} … {fmt(q3, '+.0f')} %)")
         elif d and "error" in d:
             text += f"; the direct measurement failed: {html.escape(d['error'])}"
