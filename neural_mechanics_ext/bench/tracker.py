@@ -68,7 +68,7 @@ def demo_workload(device, batch: Optional[int] = None) -> Workload:
     """The demo net as ``neural-mechanics demo`` trains it: ``models.demo_net()`` (3×32×32 inputs, 10
     classes) with the demo's batch size, SGD settings and tracker flush interval (``RunConfig``'s
     defaults), on one fixed batch."""
-    c = RunConfig()
+    c = RunConfig().resolved()
     batch = batch or c.batch_size
     make = _seeded(demo_net, device)
     x, _ = _fixed_batch(batch, 32, 10, device)
