@@ -1,7 +1,9 @@
 """Build neural_mechanics_ext._C with torch.utils.cpp_extension.
 
 CUDA kernels are compiled whenever nvcc and a CUDA build of torch are present, also on a machine without
-a GPU.  Environment:
+a GPU.  The same CUDA kernel source is always compiled a second time by the host compiler, against a SIMT
+emulation (csrc/cuda/emulation.h), so that the tests run its logic on machines without a GPU (POSIX
+only: the emulation's threads are ucontext fibers).  Environment:
   NMX_FORCE_CPU=1          build the CPU kernels only
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX")
   CUDA_HOME                CUDA toolkit (default: $CUDA_HOME, /usr/local/cuda, or the toolkit of `nvcc`)
@@ -51,8 +53,12 @@ from torch.utils import cpp_extension  # noqa: E402
 
 with_cuda = bool(cuda_home) and torch.version.cuda is not None
 
-sources = ["csrc/ops.cpp", "csrc/plan.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 define_macros = []
+with_emulation = os.name == "posix"
+if with_emulation:  # host-compiled (.cpp): the emulated CUDA kernels
+    sources += sorted(glob.glob("csrc/cuda/*.cpp"))
+    define_macros.append(("NMX_WITH_CUDA_EMULATION", None))
 cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 include_dirs = [os.path.abspath("csrc")]
@@ -66,7 +72,8 @@ else:
     Extension = cpp_extension.CppExtension
 
 print(f"neural_mechanics_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels"
-      + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""),
+      + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else "")
+      + (" and the emulated CUDA kernels" if with_emulation else ""),
       file=sys.stderr)
 
 ext = Extension(

@@ -1,21 +1,18 @@
-// Op schemas, argument checks, and the Python module plumbing (build_info).
+// The op's schema and the argument checks every backend shares (the backends register their kernels in
+// their own files: cpu/slice_moments_cpu.cpp, cuda/slice_moments_cuda.cu).
 #include "ops.h"
 
-#include <torch/extension.h>
 #include <torch/library.h>
-#include <torch/version.h>
-
-#include "cpu/kernels.h"
 
 namespace nmx {
 namespace {
 
 int dtype_code(const at::Tensor& t, const char* list, size_t i) {
   switch (t.scalar_type()) {
-    case at::kFloat: return cpu::kF32;
-    case at::kDouble: return cpu::kF64;
-    case at::kHalf: return cpu::kF16;
-    case at::kBFloat16: return cpu::kBF16;
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
     default:
       TORCH_CHECK_TYPE(false, "slice_moments: ", list, "[", i, "] has dtype ", t.scalar_type(),
                        "; supported: float32, float64, float16, bfloat16");
@@ -52,7 +49,7 @@ Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const Optiona
     TORCH_CHECK_VALUE(x.device() == device, "slice_moments: xs[", i, "] is on ", x.device(), " but xs[0] is on ",
                       device);
     at::Tensor y = companion(ys, i, x, "ys"), z = companion(zs, i, x, "zs");
-    cpu::TensorPtrs p{};
+    TensorPtrs p{};
     p.dx = dtype_code(x, "xs", i);
     call.keep.push_back(x.contiguous());
     p.x = call.keep.back().data_ptr();
@@ -92,32 +89,4 @@ Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const Optiona
 
 TORCH_LIBRARY(neural_mechanics_ext, m) {
   m.def("slice_moments(Tensor[] xs, Tensor?[] ys, Tensor?[] zs, int[] views) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(neural_mechanics_ext, CPU, m) { m.impl("slice_moments", &nmx::slice_moments_cpu); }
-
-namespace {
-pybind11::dict build_info() {
-  pybind11::dict info;
-#ifdef NMX_WITH_CUDA
-  info["cuda"] = true;
-  info["cuda_arch"] = pybind11::str(NMX_CUDA_ARCHS).attr("split")();
-#else
-  info["cuda"] = false;
-  info["cuda_arch"] = pybind11::list();
-#endif
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-  info["torch"] = TORCH_VERSION;
-  info["cpu_isa"] = nmx::cpu::item_kernel_isa();
-  return info;
-}
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "neural_mechanics_ext compiled kernels (ops are registered in torch.ops.neural_mechanics_ext)";
-  m.def("build_info", &build_info, "How the compiled extension was built");
 }

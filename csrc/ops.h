@@ -1,13 +1,15 @@
 // Shared by the device backends: argument checks and the flattened description of one call.
+// The op's schema is defined in ops.cpp; each backend registers its implementation in its own file.
 #pragma once
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
-#include "cpu/kernels.h"
+#include "kernel_types.h"
 
 namespace nmx {
 
@@ -17,7 +19,7 @@ struct Call {
   std::vector<at::Tensor> keep;          // inputs (contiguous copies where needed), kept alive
   std::vector<int64_t> numels;           // per tensor of xs
   std::vector<int64_t> views;            // flat (tensor, A, K, B) quadruples
-  std::vector<cpu::TensorPtrs> tensors;  // data pointers and dtype codes per tensor of xs
+  std::vector<TensorPtrs> tensors;       // data pointers and dtype codes per tensor of xs
   int64_t num_rows = 0;                  // output rows: sum of K
 };
 
@@ -26,7 +28,14 @@ struct Call {
 Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
                   at::IntArrayRef views);
 
-at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
-                             at::IntArrayRef views);
+#if defined(NMX_WITH_CUDA_EMULATION)
+// The CUDA kernels run on the host SIMT emulation (cuda/emulation.h), threads scheduled in an order drawn
+// from schedule_seed: for tests on machines without a GPU.  CPU tensors in, the op's result out.
+at::Tensor slice_moments_cuda_emulated(at::TensorList xs, const OptionalTensorList& ys,
+                                       const OptionalTensorList& zs, at::IntArrayRef views, uint64_t schedule_seed);
+
+// Runs one of the emulation's own test kernels (cuda/emulation_selftest.cpp) and returns what it wrote.
+std::vector<double> cuda_emulation_selftest(const std::string& kernel, uint64_t schedule_seed);
+#endif
 
 }  // namespace nmx

@@ -49,15 +49,17 @@ compiled = _C is not None
 
 
 def build_info() -> dict:
-    """How this installation was built: version, torch, CUDA kernels and archs, OpenMP, the CPU kernel
-    chosen for this processor (avx512, avx2 or baseline), compiled or not."""
+    """How this installation was built: version, torch, CUDA kernels and archs, the emulated CUDA kernels
+    (the CUDA kernel source compiled for the host, which the tests run without a GPU), OpenMP, the CPU
+    kernel chosen for this processor (avx512, avx2 or baseline), compiled or not."""
     from ._version import __version__
 
     info = {"version": __version__, "torch": torch.__version__, "cuda": False, "cuda_arch": [],
-            "openmp": False, "compiled": compiled}
+            "cuda_emulated": False, "openmp": False, "compiled": compiled}
     if compiled:
         native = _C.build_info()
         info.update(cuda=bool(native["cuda"]), cuda_arch=list(native["cuda_arch"]),
+                    cuda_emulated=bool(native.get("cuda_emulated", False)),
                     openmp=bool(native["openmp"]), cpu_kernel=str(native["cpu_isa"]))
         info["torch_built_against"] = native["torch"]
     else:

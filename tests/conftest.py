@@ -1,9 +1,37 @@
-"""Shared test settings: the devices and dtypes every op test runs on."""
+"""Shared test settings: the devices, dtypes and kernel backends every op test runs on."""
+import itertools
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 
+import neural_mechanics_ext as nmx
+from neural_mechanics_ext import testing
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+class Backend(NamedTuple):
+    """One implementation of slice_moments: where its inputs live and the function that runs it."""
+    name: str
+    device: torch.device
+    slice_moments: Callable
+
+
+_schedule_seeds = itertools.count(1)
+
+
+def _cuda_emulated(xs, views, ys=None, zs=None):
+    # A new thread schedule at every call: repeated calls (test_deterministic) compare schedules too.
+    return testing.slice_moments_cuda_emulated(xs, views, ys, zs, schedule_seed=next(_schedule_seeds))
+
+
+CPU = Backend("cpu", torch.device("cpu"), nmx.slice_moments)
+EMULATED = Backend("cuda-emulated", torch.device("cpu"), _cuda_emulated)
+CUDA = Backend("cuda", torch.device("cuda"), nmx.slice_moments)
+needs_emulation = pytest.mark.skipif(not nmx.build_info()["cuda_emulated"],
+                                     reason="this build has no emulated CUDA kernels")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,3 +46,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(params=[CPU, pytest.param(EMULATED, marks=needs_emulation), pytest.param(CUDA, marks=pytest.mark.cuda)],
+                ids=lambda b: b.name)
+def backend(request):
+    return request.param

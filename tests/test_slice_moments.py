@@ -1,4 +1,8 @@
-"""slice_moments: the compiled kernels against the plain-torch reference, and every way to call it wrong."""
+"""slice_moments: the compiled kernels against the plain-torch reference, and every way to call it wrong.
+
+The kernel tests run on every backend of the `backend` fixture (conftest.py): the CPU kernels, the CUDA
+kernels on the host SIMT emulation (every machine), and the CUDA kernels on a GPU (where there is one)."""
+import functools
 import os
 import subprocess
 import sys
@@ -13,7 +17,7 @@ from neural_mechanics_ext import _backend
 from neural_mechanics_ext.ops import _check_inputs
 from neural_mechanics_ext.reference import slice_moments_reference
 
-from conftest import DTYPES
+from conftest import CPU, DTYPES, EMULATED, needs_emulation
 from samples import LAYOUTS, sample_inputs
 
 
@@ -21,8 +25,8 @@ def reference(xs, views, ys=None, zs=None):
     return slice_moments_reference(*_check_inputs(xs, views, ys, zs))
 
 
-def assert_close_to_reference(xs, views, ys=None, zs=None):
-    got = nmx.slice_moments(xs, views, ys, zs)
+def assert_close_to_reference(xs, views, ys=None, zs=None, op=nmx.slice_moments):
+    got = op(xs, views, ys, zs)
     want = reference(xs, views, ys, zs)
     assert got.dtype == torch.float64 and got.device == (xs[0].device if xs else torch.device("cpu"))
     assert got.shape == want.shape
@@ -39,6 +43,13 @@ def assert_close_to_reference(xs, views, ys=None, zs=None):
 def test_matches_reference_cpu(case):
     _, xs, views, ys, zs = case
     assert_close_to_reference(xs, views, ys, zs)
+
+
+@needs_emulation
+@pytest.mark.parametrize("case", list(sample_inputs("cpu", DTYPES)), ids=lambda c: c[0])
+def test_matches_reference_cuda_emulated(case):
+    _, xs, views, ys, zs = case
+    assert_close_to_reference(xs, views, ys, zs, op=EMULATED.slice_moments)
 
 
 @pytest.mark.cuda
@@ -58,9 +69,9 @@ def test_cuda_graph_capture_is_refused():
             nmx.slice_moments([x], [[(1, 8, 8)]])
 
 
-def test_rows_are_ordered_by_tensor_view_and_slice(device):
-    x = torch.arange(12.0, device=device).view(3, 4)
-    out = nmx.slice_moments([x, x[0].clone()], [[(1, 3, 4), (3, 4, 1)], [(1, 4, 1)]])
+def test_rows_are_ordered_by_tensor_view_and_slice(backend):
+    x = torch.arange(12.0, device=backend.device).view(3, 4)
+    out = backend.slice_moments([x, x[0].clone()], [[(1, 3, 4), (3, 4, 1)], [(1, 4, 1)]])
     sums = out[:, 0].cpu().tolist()
     assert sums == [6.0, 22.0, 38.0, 12.0, 15.0, 18.0, 21.0, 0.0, 1.0, 2.0, 3.0]
     assert out[:, 3].cpu().tolist()[:3] == [14.0, 126.0, 366.0]
@@ -78,9 +89,10 @@ def _factor_views(numel, draw):
     return views
 
 
+@pytest.mark.parametrize("backend_", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_fuzz_against_reference(data):
+def test_fuzz_against_reference(backend_, data):
     draw = data.draw
     xs, views, ys, zs = [], [], [], []
     for _ in range(draw(st.integers(1, 4))):
@@ -93,76 +105,78 @@ def test_fuzz_against_reference(data):
         ys.append(torch.randn(shape).to(dy) if draw(st.booleans()) else None)
         zs.append(torch.randn(shape).to(dz) if draw(st.booleans()) else None)
         views.append(_factor_views(numel, draw))
-    assert_close_to_reference(xs, views, ys, zs)
+    assert_close_to_reference(xs, views, ys, zs, op=backend_.slice_moments)
 
 
 @pytest.mark.parametrize("dx", DTYPES, ids=str)
 @pytest.mark.parametrize("dy", DTYPES, ids=str)
-def test_every_dtype_pair(device, dx, dy):
+def test_every_dtype_pair(backend, dx, dy):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(33, 70, generator=gen).to(dx).to(device)
-    y = torch.randn(33, 70, generator=gen).to(dy).to(device)
-    z = torch.randn(33, 70, generator=gen).to(dx).to(device)
-    assert_close_to_reference([x], [[(1, 33, 70), (33, 70, 1)]], [y], [z])
+    x = torch.randn(33, 70, generator=gen).to(dx).to(backend.device)
+    y = torch.randn(33, 70, generator=gen).to(dy).to(backend.device)
+    z = torch.randn(33, 70, generator=gen).to(dx).to(backend.device)
+    assert_close_to_reference([x], [[(1, 33, 70), (33, 70, 1)]], [y], [z], op=backend.slice_moments)
 
 
-def test_more_than_2_24_elements_accumulate_in_double(device):
+def test_more_than_2_24_elements_accumulate_in_double(backend):
+    if backend is EMULATED:
+        pytest.skip("2**24 elements take minutes on the emulation (its arithmetic is the GPU source's)")
     n = (1 << 24) + 17  # a float32 running sum of ones stops at 2**24
-    x = torch.ones(n, device=device)
-    out = nmx.slice_moments([x], [[(1, 1, n), (n, 1, 1)]])   # one row of n, n rows of one
+    x = torch.ones(n, device=backend.device)
+    out = backend.slice_moments([x], [[(1, 1, n), (n, 1, 1)]])   # one row of n, n rows of one
     assert out[:, 0].tolist() == [n, n] and out[:, 3].tolist() == [n, n]
-    w = torch.randn(4097, 4099, generator=torch.Generator().manual_seed(0)).to(device)  # > 2**24, rows + columns
-    assert_close_to_reference([w], [[(1, 4097, 4099), (4097, 4099, 1), (1, 1, w.numel())]])
+    w = torch.randn(4097, 4099, generator=torch.Generator().manual_seed(0)).to(backend.device)  # > 2**24, rows + columns
+    assert_close_to_reference([w], [[(1, 4097, 4099), (4097, 4099, 1), (1, 1, w.numel())]], op=backend.slice_moments)
 
 
-def test_nan_and_inf_stay_in_their_slices(device):
-    x = torch.randn(6, 8, device=device)
-    y = torch.randn(6, 8, device=device)
+def test_nan_and_inf_stay_in_their_slices(backend):
+    x = torch.randn(6, 8, device=backend.device)
+    y = torch.randn(6, 8, device=backend.device)
     x[2, 5] = float("nan")
     y[4, 1] = float("inf")
-    out = nmx.slice_moments([x], [[(1, 6, 8)]], ys=[y]).cpu()
+    out = backend.slice_moments([x], [[(1, 6, 8)]], ys=[y]).cpu()
     finite = out.isfinite()
     assert not finite[2, [0, 3, 6]].any() and finite[2, [1, 4]].all()   # x, xx, xy of row 2
     assert not finite[4, [1, 4, 6]].any() and finite[4, [0, 3]].all()   # y, yy, xy of row 4
     assert finite[[0, 1, 3, 5]].all()
 
 
-def test_moments_with_an_absent_factor_are_zero_even_next_to_nan(device):
+def test_moments_with_an_absent_factor_are_zero_even_next_to_nan(backend):
     # An absent y or z is not measured: its moments are 0, not NaN * 0, on every implementation.
-    x = torch.randn(4, 8, device=device)
+    x = torch.randn(4, 8, device=backend.device)
     x[1, 3] = float("nan")
-    y = torch.randn(4, 8, device=device)
+    y = torch.randn(4, 8, device=backend.device)
     for ys, zs, zero_cols in ((None, None, [1, 2, 4, 5, 6, 7, 8]), ([y], None, [2, 5, 7, 8]), (None, [y], [1, 4, 6, 8])):
-        for out in (nmx.slice_moments([x], [[(1, 4, 8)]], ys, zs).cpu(),
+        for out in (backend.slice_moments([x], [[(1, 4, 8)]], ys, zs).cpu(),
                     reference([x], [[(1, 4, 8)]], ys, zs).cpu()):
             assert out[:, zero_cols].eq(0).all()
             assert out[1, [0, 3]].isnan().all() and out[[0, 2, 3]].isfinite().all()
 
 
-def test_empty(device):
-    assert nmx.slice_moments([], []).shape == (0, 9)
-    e = torch.empty(0, 5, device=device)
-    out = nmx.slice_moments([e, torch.ones(2, device=device)], [[(0, 5, 1), (1, 0, 0)], [(1, 2, 1)]])
+def test_empty(backend):
+    assert backend.slice_moments([], []).shape == (0, 9)
+    e = torch.empty(0, 5, device=backend.device)
+    out = backend.slice_moments([e, torch.ones(2, device=backend.device)], [[(0, 5, 1), (1, 0, 0)], [(1, 2, 1)]])
     assert out.shape == (7, 9) and out[:5].abs().sum() == 0 and out[5:, 0].tolist() == [1.0, 1.0]
 
 
-def test_non_contiguous_inputs_follow_logical_order(device):
-    base = torch.randn(20, 30, device=device)
+def test_non_contiguous_inputs_follow_logical_order(backend):
+    base = torch.randn(20, 30, device=backend.device)
     x = base.t()               # [30, 20], non-contiguous
-    y = torch.randn(60, 20, device=device)[::2]  # strided rows
-    got = assert_close_to_reference([x], [[(1, 30, 20), (30, 20, 1)]], [y])
-    want = nmx.slice_moments([x.contiguous()], [[(1, 30, 20), (30, 20, 1)]], [y.contiguous()])
+    y = torch.randn(60, 20, device=backend.device)[::2]  # strided rows
+    got = assert_close_to_reference([x], [[(1, 30, 20), (30, 20, 1)]], [y], op=backend.slice_moments)
+    want = backend.slice_moments([x.contiguous()], [[(1, 30, 20), (30, 20, 1)]], [y.contiguous()])
     assert torch.equal(got, want)
 
 
-def test_deterministic(device):
+def test_deterministic(backend):
     gen = torch.Generator().manual_seed(3)
-    xs = [torch.randn(s, generator=gen).to(device) for s in [(300, 700), (64, 3, 3, 3), (1000,)]]
+    xs = [torch.randn(s, generator=gen).to(backend.device) for s in [(300, 700), (64, 3, 3, 3), (1000,)]]
     views = [[(1, 300, 700), (300, 700, 1)], [(1, 64, 27), (64, 3, 9)], [(1, 1, 1000)]]
     ys = [torch.randn_like(x) for x in xs]
-    first = nmx.slice_moments(xs, views, ys, ys)
+    first = backend.slice_moments(xs, views, ys, ys)
     for _ in range(3):
-        assert torch.equal(nmx.slice_moments(xs, views, ys, ys), first)
+        assert torch.equal(backend.slice_moments(xs, views, ys, ys), first)
 
 
 def test_inputs_requiring_grad_are_fine():
@@ -223,10 +237,12 @@ def test_torch_compile(device):
 
 def test_build_info():
     info = nmx.build_info()
-    for key in ("version", "torch", "cuda", "cuda_arch", "openmp", "compiled"):
+    for key in ("version", "torch", "cuda", "cuda_arch", "cuda_emulated", "openmp", "compiled"):
         assert key in info
     if info["compiled"] and info["cuda"]:
         assert info["cuda_arch"]
+    if info["compiled"] and os.name == "posix":  # setup.py and CMake build the emulation on every POSIX system
+        assert info["cuda_emulated"] is True
 
 
 FALLBACK_SCRIPT = textwrap.dedent("""
@@ -248,7 +264,7 @@ NARROW_KERNEL_SCRIPT = textwrap.dedent("""
     import sys
     sys.path[:0] = {paths!r}
     import neural_mechanics_ext as nmx
-    from conftest import DTYPES
+    from conftest import CPU, DTYPES, EMULATED, needs_emulation
     from samples import sample_inputs
     from test_slice_moments import assert_close_to_reference
     assert nmx.build_info()["cpu_kernel"] == {isa!r}, nmx.build_info()

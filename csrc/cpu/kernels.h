@@ -6,19 +6,11 @@
 
 #include <cstdint>
 
+#include "../kernel_types.h"
 #include "../plan.h"
 
 namespace nmx {
 namespace cpu {
-
-enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-struct TensorPtrs {
-  const void* x;
-  const void* y;  // nullptr when absent
-  const void* z;  // nullptr when absent
-  int dx, dy, dz;
-};
 
 // Computes item `item` of `plan` and writes its slots: slots[(slot) * 9 + moment].
 using ItemKernel = void (*)(const Plan& plan, int64_t item, const TensorPtrs* tensors, double* slots);

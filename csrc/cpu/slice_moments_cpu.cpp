@@ -2,6 +2,7 @@
 // every output row sums its slots in the plan's fixed order.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
@@ -30,7 +31,7 @@ at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, co
   double* slot_data = slots.data_ptr<double>();
   const cpu::ItemKernel kernel = cpu::select_item_kernel();
   const int64_t num_items = static_cast<int64_t>(p.items.size());
-  const cpu::TensorPtrs* tensors = call.tensors.data();
+  const TensorPtrs* tensors = call.tensors.data();
 #ifdef _OPENMP
   // A thread per half a million elements at most: a parallel region costs microseconds on an idle
   // machine but a scheduler time slice (milliseconds) when another process holds a core, which
@@ -60,3 +61,5 @@ at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, co
 }
 
 }  // namespace nmx
+
+TORCH_LIBRARY_IMPL(neural_mechanics_ext, CPU, m) { m.impl("slice_moments", &nmx::slice_moments_cpu); }

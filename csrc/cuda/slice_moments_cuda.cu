@@ -1,298 +1,33 @@
-// slice_moments on CUDA.
-//
-// One block per item (plan.h: a rectangle rows [r0, r1) x cols [c0, c1) of a tensor's [R, L] layout).
-// Every lane owns four columns of the item and walks down its rows: per-column sums stay in registers
-// (COL views), per-row totals are reduced across the lanes of a row with warp shuffles and kept in
-// shared memory until they are folded into the item's slots (RUN views).  Loads are 16-byte vectors
-// where alignment allows; all arithmetic is in double.  A second, tiny kernel sums every output row's
-// slots in the plan's order, so results are deterministic and the data is read exactly once.
-//
-// Items of tensors with COL views need 36 accumulators per lane; the others need none, so the two
-// kinds run as two launches of one templated kernel and the register-light one keeps more loads in
-// flight.
+// slice_moments on a GPU: the kernels of slice_moments_kernels.cuh and the host side of
+// slice_moments_host.h, with device memory, a pinned pointer table, the current stream and a cache
+// of each plan's tables on each device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <list>
 #include <mutex>
 
-#include "../moments.h"
 #include "../ops.h"
-#include "../plan.h"
+#include "slice_moments_kernels.cuh"
+#include "slice_moments_host.h"
 
 namespace nmx {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kColsPerLane = 4;
-constexpr int kTile = kThreads * kColsPerLane;  // widest item with COL views (PlanConfig.col_width)
-constexpr int kRowBuf = 256;                    // row totals (per warp) buffered before a flush
-constexpr int kTensorFields = 7;                // x, y, z, dx, dy, dz, aligned4
-
-struct Tables {
-  const EntryRec* entries;
-  const ViewRec* views;
-  const ItemRec* items;
-  const int64_t* item_ids;  // the items this launch processes
-  int64_t num_items;
-  const int64_t* tensors;   // [T, kTensorFields], this call's pointers
-  double* slots;
-};
-
-__device__ __forceinline__ double to_double(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case cpu::kF32: return static_cast<const float*>(p)[i];
-    case cpu::kF64: return static_cast<const double*>(p)[i];
-    case cpu::kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-  }
-}
-
-// Four consecutive elements at a 4-element-aligned index, in one or two 16-byte (8-byte) loads.
-__device__ __forceinline__ void load4_vec(const void* p, int dtype, int64_t i, double v[4]) {
-  switch (dtype) {
-    case cpu::kF32: {
-      const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
-      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-      break;
-    }
-    case cpu::kF64: {
-      const double2 a = *reinterpret_cast<const double2*>(static_cast<const double*>(p) + i);
-      const double2 b = *reinterpret_cast<const double2*>(static_cast<const double*>(p) + i + 2);
-      v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-      break;
-    }
-    case cpu::kF16: {
-      const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const c10::Half*>(p) + i);
-      const c10::Half* h = reinterpret_cast<const c10::Half*>(&u);
-      for (int t = 0; t < 4; ++t) v[t] = static_cast<float>(h[t]);
-      break;
-    }
-    default: {
-      const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const c10::BFloat16*>(p) + i);
-      const c10::BFloat16* h = reinterpret_cast<const c10::BFloat16*>(&u);
-      for (int t = 0; t < 4; ++t) v[t] = static_cast<float>(h[t]);
-      break;
-    }
-  }
-}
-
-// The lane's four columns of one row: consecutive (vector path) or lpr apart (scalar path, still
-// coalesced across lanes).  Columns at or past c1, and absent tensors, read as zero.
-__device__ __forceinline__ void load_lane(const void* p, int dtype, bool vec, int64_t row_base, int64_t col,
-                                          int64_t c1, int lane_stride, double v[4]) {
-  if (p == nullptr) {
-    v[0] = v[1] = v[2] = v[3] = 0.0;
-  } else if (vec) {
-    if (col < c1) load4_vec(p, dtype, row_base + col, v);
-    else v[0] = v[1] = v[2] = v[3] = 0.0;
-  } else {
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int64_t c = col + int64_t(t) * lane_stride;
-      v[t] = c < c1 ? to_double(p, dtype, row_base + c) : 0.0;
-    }
-  }
-}
-
-__device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
-
-// One element's terms, leaving out those of an absent y / z as the CPU kernels do (moments.h): adding
-// x * 0 instead would turn an Inf or NaN of x into a NaN in xy / xz (and of y into one in yz).  hy / hz
-// are the same for the whole block, so the branch does not diverge.
-__device__ __forceinline__ void accumulate_present(Moments<double>& a, double x, double y, double z, bool hy,
-                                                   bool hz) {
-  if (hy && hz) accumulate<true, true>(a, x, y, z);
-  else if (hy) accumulate<true, false>(a, x, y, z);
-  else if (hz) accumulate<false, true>(a, x, y, z);
-  else accumulate<false, false>(a, x, y, z);
-}
-
-// a.m[m] for a moment index m known only at run time, without indexing the array: a dynamic index would
-// move the per-column accumulators of the whole kernel from registers to local memory.
-__device__ __forceinline__ double moment_at(const Moments<double>& a, int m) {
-  double v = a.m[0];
-#pragma unroll
-  for (int i = 1; i < kMoments; ++i)
-    if (m == i) v = a.m[i];
-  return v;
-}
-
-template <bool HAS_COL>
-__global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
-  __shared__ double rowbuf[kRowBuf][kMoments];
-  __shared__ double colbuf[kTile];
-
-  const int tid = threadIdx.x;
-  const ItemRec it = tb.items[tb.item_ids[blockIdx.x]];
-  const EntryRec e = tb.entries[it.entry];
-  const int64_t* tp = tb.tensors + e.tensor * kTensorFields;
-  const void* px = reinterpret_cast<const void*>(tp[0]);
-  const void* py = reinterpret_cast<const void*>(tp[1]);
-  const void* pz = reinterpret_cast<const void*>(tp[2]);
-  const int dx = int(tp[3]), dy = int(tp[4]), dz = int(tp[5]);
-  const bool hy = py != nullptr, hz = pz != nullptr;
-  const bool vec = tp[6] != 0 && e.L % 4 == 0;
-  const bool has_run = e.has_run != 0;
-
-  // Lane geometry: lanes_per_row (a power of two) lanes share a row, groups = rows per pass.
-  const int64_t width = it.c1 - it.c0;
-  const int64_t quads = (width + kColsPerLane - 1) / kColsPerLane;
-  int lpr = 1;
-  while (lpr < quads && lpr < kThreads) lpr *= 2;
-  const int groups = kThreads / lpr;
-  const int g = tid / lpr, lane = tid % lpr;
-  const int warps_per_row = lpr > 32 ? lpr / 32 : 1;
-  const int rows_per_flush = kRowBuf / (groups * warps_per_row) * groups;  // a multiple of groups
-  const int64_t tile = int64_t(kColsPerLane) * lpr;
-  const int64_t first_col = vec ? int64_t(lane) * kColsPerLane : lane;
-  const int lane_stride = vec ? 1 : lpr;
-
-  for (int64_t s = it.run_slot_begin * kMoments + tid; s < it.run_slot_end * kMoments; s += kThreads)
-    tb.slots[s] = 0.0;
-  __syncthreads();
-
-  Moments<double> col[kColsPerLane];
-  if (HAS_COL)
-#pragma unroll
-    for (int t = 0; t < kColsPerLane; ++t) zero(col[t]);
-
-  const int64_t rows = it.r1 - it.r0;
-  const int64_t passes = (rows + groups - 1) / groups;
-  const int passes_per_flush = rows_per_flush / groups;
-  for (int64_t pass0 = 0; pass0 < passes; pass0 += passes_per_flush) {
-    const int64_t pass_end = min(passes, pass0 + passes_per_flush);
-    for (int64_t pass = pass0; pass < pass_end; ++pass) {
-      const int64_t r = it.r0 + pass * groups + g;
-      const bool valid = r < it.r1;
-      Moments<double> row;
-      zero(row);
-      if (valid) {
-        const int64_t row_base = r * e.L;
-        for (int64_t tc = it.c0; tc < it.c1; tc += tile) {  // one tile when HAS_COL
-          double x[4], y[4], z[4];
-          load_lane(px, dx, vec, row_base, tc + first_col, it.c1, lane_stride, x);
-          load_lane(py, dy, vec, row_base, tc + first_col, it.c1, lane_stride, y);
-          load_lane(pz, dz, vec, row_base, tc + first_col, it.c1, lane_stride, z);
-#pragma unroll
-          for (int t = 0; t < kColsPerLane; ++t) {
-            if (HAS_COL) accumulate_present(col[t], x[t], y[t], z[t], hy, hz);
-            if (has_run) accumulate_present(row, x[t], y[t], z[t], hy, hz);
-          }
-        }
-      }
-      if (has_run) {
-        // Sum the row over the lanes that share it (aligned groups of min(lpr, 32) lanes of a warp).
-        for (int off = min(lpr, 32) / 2; off > 0; off /= 2)
-#pragma unroll
-          for (int m = 0; m < kMoments; ++m) row.m[m] += shfl_xor(row.m[m], off);
-        if (valid && lane % 32 == 0) {
-          const int64_t slot = ((pass - pass0) * groups + g) * warps_per_row + lane / 32;
-#pragma unroll
-          for (int m = 0; m < kMoments; ++m) rowbuf[slot][m] = row.m[m];
-        }
-      }
-    }
-    if (!has_run) continue;
-    __syncthreads();
-    // Fold the buffered rows into the RUN slots.  Each slot is owned by one thread here.
-    const int64_t rs = it.r0 + pass0 * groups, re = min(it.r1, it.r0 + pass_end * groups);
-    int64_t voff = 0;
-    for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
-      const ViewRec v = tb.views[vi];
-      if (v.kind == kRun) {
-        const int64_t js = rs / v.period, je = (re - 1) / v.period;
-        const int64_t distinct = min(je - js + 1, v.K);
-        const int64_t k_start = (it.r0 / v.period) % v.K;
-        for (int64_t u = tid; u < distinct; u += kThreads) {
-          double acc[kMoments] = {};
-          for (int64_t j = js + u; j <= je; j += v.K) {
-            const int64_t ra = max(rs, j * v.period), rb = min(re, (j + 1) * v.period);
-            for (int64_t r = ra; r < rb; ++r)
-              for (int w = 0; w < warps_per_row; ++w)
-                for (int m = 0; m < kMoments; ++m) acc[m] += rowbuf[(r - rs) * warps_per_row + w][m];
-          }
-          const int64_t idx = ((js + u) % v.K - k_start + v.K) % v.K;
-          double* slot = tb.slots + (it.slot_begin + voff + idx) * kMoments;
-          for (int m = 0; m < kMoments; ++m) slot[m] += acc[m];
-        }
-      }
-      voff += slots_in_item(v, it.r0, it.r1, it.c0, it.c1);
-    }
-    __syncthreads();
-  }
-
-  if (HAS_COL) {
-    // Per-column sums over the groups (rows of a pass), one moment at a time through shared memory,
-    // then each COL view folds B adjacent columns into a slice.
-    for (int m = 0; m < kMoments; ++m) {
-      __syncthreads();
-#pragma unroll
-      for (int t = 0; t < kColsPerLane; ++t) {
-        const int64_t c = first_col + int64_t(t) * lane_stride;
-        if (c < width) colbuf[g * width + c] = moment_at(col[t], m);
-      }
-      __syncthreads();
-      for (int64_t c = tid; c < width; c += kThreads) {
-        double s = colbuf[c];
-        for (int q = 1; q < groups; ++q) s += colbuf[q * width + c];
-        colbuf[c] = s;
-      }
-      __syncthreads();
-      int64_t voff = 0;
-      for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
-        const ViewRec v = tb.views[vi];
-        const int64_t count = slots_in_item(v, it.r0, it.r1, it.c0, it.c1);
-        if (v.kind == kCol) {
-          const int64_t k0 = it.c0 / v.B;
-          for (int64_t idx = tid; idx < count; idx += kThreads) {
-            const int64_t ca = max(it.c0, (k0 + idx) * v.B), cb = min(it.c1, (k0 + idx + 1) * v.B);
-            double s = 0.0;
-            for (int64_t c = ca; c < cb; ++c) s += colbuf[c - it.c0];
-            tb.slots[(it.slot_begin + voff + idx) * kMoments + m] = s;
-          }
-        }
-        voff += count;
-      }
-    }
-  }
-}
-
-__global__ void finalize_kernel(const int64_t* row_ptr, const int64_t* row_slots, int64_t rows,
-                                const double* slots, double* out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * kMoments) return;
-  const int64_t r = i / kMoments, m = i % kMoments;
-  double s = 0.0;
-  for (int64_t q = row_ptr[r]; q < row_ptr[r + 1]; ++q) s += slots[row_slots[q] * kMoments + m];
-  out[i] = s;
-}
-
 // A plan's tables in device memory, made once per (plan, device) and kept while the plan is cached.
-struct DeviceTables {
-  at::Tensor blob;  // int64: entries | views | items | col item ids | run item ids | row_ptr | row_slots
-  int64_t entries = 0, views = 0, items = 0, col_ids = 0, run_ids = 0, row_ptr = 0, row_slots = 0;
-  int64_t num_col = 0, num_run = 0;
+struct CachedTables {
+  TableBlob tables;
   cudaStream_t made_on = nullptr;  // the stream the blob was allocated on
 };
 
-template <typename T>
-void append(std::vector<int64_t>& blob, const std::vector<T>& v) {
-  static_assert(sizeof(T) % sizeof(int64_t) == 0, "records are int64 only");
-  const int64_t* p = reinterpret_cast<const int64_t*>(v.data());
-  blob.insert(blob.end(), p, p + v.size() * (sizeof(T) / sizeof(int64_t)));
-}
-
 // Returned by value (a tensor reference and a few numbers): a reference into the cache would dangle when
 // another thread's call evicts the entry while this one still launches with it.
-DeviceTables device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
+CachedTables device_tables(const std::shared_ptr<const Plan>& plan, const at::Device& device) {
   static std::mutex mutex;
-  static std::list<std::tuple<std::shared_ptr<const Plan>, int, DeviceTables>> cache;
+  static std::list<std::tuple<std::shared_ptr<const Plan>, int, CachedTables>> cache;
   std::lock_guard<std::mutex> lock(mutex);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (std::get<0>(*it) == plan && std::get<1>(*it) == device.index()) {
@@ -300,37 +35,46 @@ DeviceTables device_tables(const std::shared_ptr<const Plan>& plan, const at::De
       return std::get<2>(cache.front());
     }
   }
-
-  DeviceTables t;
-  std::vector<int64_t> blob, col_ids, run_ids;
-  for (size_t i = 0; i < plan->items.size(); ++i)
-    (plan->entries[plan->items[i].entry].has_col ? col_ids : run_ids).push_back(static_cast<int64_t>(i));
-  t.entries = blob.size(), append(blob, plan->entries);
-  t.views = blob.size(), append(blob, plan->views);
-  t.items = blob.size(), append(blob, plan->items);
-  t.col_ids = blob.size(), blob.insert(blob.end(), col_ids.begin(), col_ids.end());
-  t.run_ids = blob.size(), blob.insert(blob.end(), run_ids.begin(), run_ids.end());
-  t.row_ptr = blob.size(), blob.insert(blob.end(), plan->row_ptr.begin(), plan->row_ptr.end());
-  t.row_slots = blob.size(), blob.insert(blob.end(), plan->row_slots.begin(), plan->row_slots.end());
-  t.num_col = static_cast<int64_t>(col_ids.size());
-  t.num_run = static_cast<int64_t>(run_ids.size());
-  t.blob = at::tensor(blob, at::TensorOptions().dtype(at::kLong)).to(device);
-  t.made_on = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  CachedTables t{make_tables(*plan, device), at::cuda::getCurrentCUDAStream(device.index()).stream()};
   cache.emplace_front(plan, device.index(), std::move(t));
   if (cache.size() > 16) cache.pop_back();
   return std::get<2>(cache.front());
 }
 
-bool aligned(const void* p, int dtype) {
-  const int64_t bytes = dtype == cpu::kF64 ? 16 : dtype == cpu::kF32 ? 16 : 8;  // one vector load
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
+struct GpuBackend {
+  at::Device dev;
+  cudaStream_t stream;
 
-}  // namespace
+  at::Device device() const { return dev; }
+
+  TableBlob tables(const std::shared_ptr<const Plan>& plan) const {
+    CachedTables t = device_tables(plan, dev);
+    // The cached tables were allocated on the stream current when they were made; when this call runs
+    // on another one, the caching allocator must not hand their memory out again (cache eviction)
+    // before this call's kernels are done with it.  (Only then: record_stream goes through the
+    // dispatcher.)
+    if (stream != t.made_on) t.tables.blob.record_stream(at::cuda::getCurrentCUDAStream(dev.index()));
+    return t.tables;
+  }
+
+  // Allocated pinned: empty().pin_memory() would allocate twice and copy.  The caching host allocator
+  // records the copy in upload(), so the buffer is not reused before the copy has read it.
+  at::Tensor pointer_table(int64_t rows) const {
+    return at::empty({rows, kTensorFields}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  }
+
+  at::Tensor upload(const at::Tensor& host) const { return host.to(dev, /*non_blocking=*/true); }
+
+  template <typename... P, typename... A>
+  void launch(void (*kernel)(P...), unsigned grid, unsigned block, A... args) const {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
                               at::IntArrayRef views) {
-  Call call = prepare_call(xs, ys, zs, views);
+  const Call call = prepare_call(xs, ys, zs, views);
   const at::Device device = xs[0].device();
   const c10::cuda::CUDAGuard guard(device);
   // Each call uploads its tensors' addresses from a pinned host table: a replayed graph would read
@@ -338,62 +82,11 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   at::cuda::assertNotCapturing(
       "slice_moments (it uploads its tensors' addresses at every call, so a replay would read stale ones) "
       "cannot run");
-  static_assert(kTile == 1024, "PlanConfig.col_width must equal the kernel's tile");
-  // Many items keep every multiprocessor busy; items with COL views are at least 256 rows tall so
-  // that their per-column slots cost under 3% of the bytes read.
-  static const PlanConfig config{/*col_width=*/kTile, /*run_width=*/65536, /*item_elems=*/65536,
-                                 /*col_min_rows=*/256};
-  std::shared_ptr<const Plan> plan = get_plan(call.numels, call.views, config);
-  const DeviceTables dt = device_tables(plan, device);
-  const auto long_opts = at::TensorOptions().dtype(at::kLong);
-
-  // This call's pointers: a small pinned table, copied without blocking the host.
-  // (Allocated pinned: empty().pin_memory() would allocate twice and copy.  The caching host allocator
-  // records the copy below, so the buffer is not reused before the copy has read it.)
-  at::Tensor host =
-      at::empty({static_cast<int64_t>(call.tensors.size()), kTensorFields}, long_opts.pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  for (size_t i = 0; i < call.tensors.size(); ++i) {
-    const cpu::TensorPtrs& p = call.tensors[i];
-    int64_t* row = h + i * kTensorFields;
-    row[0] = reinterpret_cast<int64_t>(p.x), row[1] = reinterpret_cast<int64_t>(p.y);
-    row[2] = reinterpret_cast<int64_t>(p.z);
-    row[3] = p.dx, row[4] = p.dy, row[5] = p.dz;
-    row[6] = aligned(p.x, p.dx) && aligned(p.y, p.dy) && aligned(p.z, p.dz);
-  }
-  at::Tensor tensors = host.to(device, /*non_blocking=*/true);
-
-  const auto dbl = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor slots = at::empty({std::max<int64_t>(plan->num_slots, 1), kMoments}, dbl);
-  at::Tensor out = at::empty({plan->num_rows, kMoments}, dbl);
-  const int64_t* blob = dt.blob.data_ptr<int64_t>();
-  Tables tb{reinterpret_cast<const EntryRec*>(blob + dt.entries), reinterpret_cast<const ViewRec*>(blob + dt.views),
-            reinterpret_cast<const ItemRec*>(blob + dt.items), nullptr, 0, tensors.data_ptr<int64_t>(),
-            slots.data_ptr<double>()};
-  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  // The cached tables were allocated on the stream current when they were made; when this call runs on
-  // another one, the caching allocator must not hand their memory out again (cache eviction) before
-  // this call's kernels are done with it.  (Only then: record_stream goes through the dispatcher.)
-  if (stream.stream() != dt.made_on) dt.blob.record_stream(stream);
-  if (dt.num_col > 0) {
-    tb.item_ids = blob + dt.col_ids, tb.num_items = dt.num_col;
-    items_kernel<true><<<static_cast<unsigned>(dt.num_col), kThreads, 0, stream>>>(tb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (dt.num_run > 0) {
-    tb.item_ids = blob + dt.run_ids, tb.num_items = dt.num_run;
-    items_kernel<false><<<static_cast<unsigned>(dt.num_run), kThreads, 0, stream>>>(tb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t n = plan->num_rows * kMoments;
-  if (n > 0) {
-    finalize_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        blob + dt.row_ptr, blob + dt.row_slots, plan->num_rows, slots.data_ptr<double>(), out.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return out;
+  GpuBackend backend{device, at::cuda::getCurrentCUDAStream().stream()};
+  return run_slice_moments(backend, call);
 }
 
+}  // namespace
 }  // namespace nmx
 
 TORCH_LIBRARY_IMPL(neural_mechanics_ext, CUDA, m) { m.impl("slice_moments", &nmx::slice_moments_cuda); }

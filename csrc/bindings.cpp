@@ -1,0 +1,66 @@
+// The Python module neural_mechanics_ext._C: build_info(), and the test-only entry point of the
+// emulated CUDA kernels.  (The op itself is registered with the dispatcher: ops.cpp and the backends.)
+#include <pybind11/stl.h>
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef NMX_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_arch"] = pybind11::str(NMX_CUDA_ARCHS).attr("split")();
+#else
+  info["cuda"] = false;
+  info["cuda_arch"] = pybind11::list();
+#endif
+#ifdef NMX_WITH_CUDA_EMULATION
+  info["cuda_emulated"] = true;
+#else
+  info["cuda_emulated"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["torch"] = TORCH_VERSION;
+  info["cpu_isa"] = nmx::cpu::item_kernel_isa();
+  return info;
+}
+
+#ifdef NMX_WITH_CUDA_EMULATION
+at::Tensor slice_moments_cuda_emulated(const std::vector<at::Tensor>& xs,
+                                       const std::vector<std::optional<at::Tensor>>& ys,
+                                       const std::vector<std::optional<at::Tensor>>& zs,
+                                       const std::vector<int64_t>& views, uint64_t schedule_seed) {
+  nmx::OptionalTensorList y, z;
+  for (const auto& t : ys) y.push_back(t);
+  for (const auto& t : zs) z.push_back(t);
+  return nmx::slice_moments_cuda_emulated(xs, y, z, views, schedule_seed);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "neural_mechanics_ext compiled kernels (ops are registered in torch.ops.neural_mechanics_ext)";
+  m.def("build_info", &build_info, "How the compiled extension was built");
+#ifdef NMX_WITH_CUDA_EMULATION
+  m.def("slice_moments_cuda_emulated", &slice_moments_cuda_emulated,
+        "Test only: slice_moments' CUDA kernels on the host SIMT emulation (CPU tensors, flat views)",
+        pybind11::arg("xs"), pybind11::arg("ys"), pybind11::arg("zs"), pybind11::arg("views"),
+        pybind11::arg("schedule_seed"));
+  m.def("cuda_emulation_selftest", &nmx::cuda_emulation_selftest,
+        "Test only: one of the emulation's own test kernels, by name", pybind11::arg("kernel"),
+        pybind11::arg("schedule_seed"));
+#endif
+}
