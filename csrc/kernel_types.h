@@ -2,17 +2,25 @@
 // No torch headers: the CPU kernels include this under wider instruction sets than the rest.
 #pragma once
 
+#include "stream_modes.h"
+
 namespace nmx {
 
 // Storage type of one input tensor, as the kernels dispatch on it.
 enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
-// One tensor of xs with its companions of ys / zs: contiguous data and dtype codes.
+// One tensor of xs with its companions of ys / zs: contiguous data and dtype codes.  In a stream mode
+// (stream_modes.h) x, y, z are θ, g and exp_avg, and v, vmax the further state the mode reads.
 struct TensorPtrs {
   const void* x;
   const void* y;  // nullptr when absent
   const void* z;  // nullptr when absent
   int dx, dy, dz;
+  int mode = kStreamPlain;
+  const void* v = nullptr;     // kStreamAdam: exp_avg_sq (nullptr: fresh state)
+  const void* vmax = nullptr;  // kStreamAdam: max_exp_avg_sq (nullptr: no amsgrad, or fresh state)
+  int dv = 0, dvmax = 0;
+  double scalars[kMaxStreamScalars] = {};  // the step's scalars (stream_modes.h: AdamScalar)
 };
 
 }  // namespace nmx

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -81,7 +82,19 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
     row[0] = reinterpret_cast<int64_t>(p.x), row[1] = reinterpret_cast<int64_t>(p.y);
     row[2] = reinterpret_cast<int64_t>(p.z);
     row[3] = p.dx, row[4] = p.dy, row[5] = p.dz;
-    row[6] = aligned(p.x, p.dx) && aligned(p.y, p.dy) && aligned(p.z, p.dz);
+    row[6] = aligned(p.x, p.dx) && aligned(p.y, p.dy) && aligned(p.z, p.dz) && aligned(p.v, p.dv) &&
+             aligned(p.vmax, p.dvmax);
+    row[kModeField] = p.mode;
+    row[kModeField + 1] = reinterpret_cast<int64_t>(p.v), row[kModeField + 2] = reinterpret_cast<int64_t>(p.vmax);
+    row[kModeField + 3] = p.dv, row[kModeField + 4] = p.dvmax;
+    // The arithmetic in double when any input is float64 (as the CPU kernels: stream_modes.h).
+    row[kModeField + 5] = p.dx == kF64 || p.dy == kF64 || (p.z && p.dz == kF64) || (p.v && p.dv == kF64) ||
+                          (p.vmax && p.dvmax == kF64);
+    std::fill(row + kCoefField, row + kTensorFields, int64_t(0));
+    if (p.mode != kStreamPlain) {
+      const StreamCoef<double> coef = StreamCoef<double>::make(p.scalars, p.mode);
+      std::memcpy(row + kCoefField, &coef, sizeof coef);
+    }
   }
   at::Tensor tensors = backend.upload(host);
 
