@@ -242,8 +242,12 @@ def _check_stream_inputs(op, params, views, grads, exp_avgs):
 
 
 def _per_tensor(op, name, value, n, valid, what):
-    """One value per tensor, from a single value (for all) or a list/tuple of n; each must be ``valid``."""
-    values = list(value) if isinstance(value, list) or (isinstance(value, tuple) and not valid(value)) else [value] * n
+    """One value per tensor, from a single value (for all) or a list/tuple of n; each must be ``valid``.
+
+    (A pair of numbers is one value of ``betas``, not one per tensor.)"""
+    pair = isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)
+    single = pair if name == "betas" else not isinstance(value, (tuple, list))
+    values = [value] * n if single else list(value)
     if len(values) != n:
         raise ValueError(f"{op}: {name} must be one value or one per parameter ({n}), got {len(values)}")
     for i, v in enumerate(values):

@@ -51,7 +51,19 @@ def _entry(ts, i):
 
 
 def adam_moments_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, view_table, scalars):
-    """``adam_moments``: (p, u) formed with torch ops (csrc/stream_modes.h's formula), then the moments.
+    """``adam_moments``: the moments of (θ, p, u) with (p, u) from :func:`adam_streams`."""
+    ps, us = adam_streams(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars)
+    return slice_moments_reference(params, ps, us, view_table)
+
+
+def lion_moments_reference(params, grads, exp_avgs, view_table, scalars):
+    """``lion_moments``: the moments of (θ, c, sign c) with (c, sign c) from :func:`lion_streams`."""
+    ps, us = lion_streams(params, grads, exp_avgs, scalars)
+    return slice_moments_reference(params, ps, us, view_table)
+
+
+def adam_streams(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars):
+    """Adam's (p, u) = (m', u) per parameter, with torch ops (csrc/stream_modes.h's formula).
 
     ``scalars`` holds per tensor (β₁, β₂, ε, bc₁, bc₂, coupled λ, maximize) (ops.ADAM_SCALARS); the state
     lists are empty or hold a tensor or ``None`` per parameter (``None``: zeros).  The arithmetic is in
@@ -74,11 +86,11 @@ def adam_moments_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
         denom = v1.sqrt().mul_(1.0 / math.sqrt(bc2)).add_(eps)
         ps.append(p)
         us.append((p / denom).mul_(1.0 / bc1))
-    return slice_moments_reference(params, ps, us, view_table)
+    return ps, us
 
 
-def lion_moments_reference(params, grads, exp_avgs, view_table, scalars):
-    """``lion_moments``: c = β₁m + (1 − β₁)g and sign(c) with torch ops (``None`` or absent m: zeros)."""
+def lion_streams(params, grads, exp_avgs, scalars):
+    """Lion's (c, sign c) per parameter, c = β₁m + (1 − β₁)g, with torch ops (``None`` or absent m: zeros)."""
     ps, us = [], []
     for i, theta in enumerate(params):
         m = _entry(exp_avgs, i)
@@ -88,7 +100,7 @@ def lion_moments_reference(params, grads, exp_avgs, view_table, scalars):
         c = (m * scalars[i]).add_(g, alpha=1.0 - scalars[i])
         ps.append(c)
         us.append(torch.sign(c))
-    return slice_moments_reference(params, ps, us, view_table)
+    return ps, us
 
 
 def _math_dtype(*tensors):

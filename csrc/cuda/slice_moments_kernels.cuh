@@ -114,16 +114,18 @@ __device__ __forceinline__ void load_lane(const void* p, int dtype, bool vec, in
 }
 
 // A stream mode's (θ, p, u) in x, y, z, which hold the lane's θ, g and exp_avg (stream_modes.h), in F.
+// Columns past the item's end (`live` false) stay zero: formed from zeros, u would be 0/ε, NaN for ε = 0.
 template <typename F>
-__device__ __forceinline__ void form_lane_in(int mode, const StreamCoef<double>& cd, bool ams, const double x[4],
-                                             double y[4], double z[4], const double v[4], const double vmax[4]) {
+__device__ __forceinline__ void form_lane_in(int mode, const StreamCoef<double>& cd, bool ams, const bool live[4],
+                                             const double x[4], double y[4], double z[4], const double v[4],
+                                             const double vmax[4]) {
   const StreamCoef<F> c = StreamCoef<F>::from(cd);
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
-    F p, u;
-    if (mode == kStreamLion) lion_direction(F(y[t]), F(z[t]), c, p, u);
-    else if (ams) adam_direction<true>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(vmax[t]), c, p, u);
-    else adam_direction<false>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(0), c, p, u);
+    F p = F(0), u = F(0);
+    if (live[t] && mode == kStreamLion) lion_direction(F(y[t]), F(z[t]), c, p, u);
+    else if (live[t] && ams) adam_direction<true>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(vmax[t]), c, p, u);
+    else if (live[t]) adam_direction<false>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(0), c, p, u);
     y[t] = p, z[t] = u;
   }
 }
@@ -139,8 +141,11 @@ __device__ __forceinline__ void form_lane(const int64_t* tp, int mode, bool vec,
   if (pvmax != nullptr) load_lane(pvmax, int(tp[kModeField + 4]), vec, row_base, col, c1, lane_stride, vmax);
   StreamCoef<double> cd;
   memcpy(&cd, tp + kCoefField, sizeof cd);
-  if (tp[kModeField + 5] != 0) form_lane_in<double>(mode, cd, pvmax != nullptr, x, y, z, v, vmax);
-  else form_lane_in<float>(mode, cd, pvmax != nullptr, x, y, z, v, vmax);
+  bool live[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) live[t] = vec ? col < c1 : col + int64_t(t) * lane_stride < c1;  // as load_lane
+  if (tp[kModeField + 5] != 0) form_lane_in<double>(mode, cd, pvmax != nullptr, live, x, y, z, v, vmax);
+  else form_lane_in<float>(mode, cd, pvmax != nullptr, live, x, y, z, v, vmax);
 }
 
 __device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
