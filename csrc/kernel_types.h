@@ -1,5 +1,6 @@
 // Device-neutral records of one slice_moments call, shared by every backend (CPU, CUDA, emulated CUDA).
-// No torch headers: the CPU kernels include this under wider instruction sets than the rest.
+// No torch headers but c10's macros: the CPU kernels include this under wider instruction sets than the
+// rest.
 #pragma once
 
 #include "stream_modes.h"
@@ -20,7 +21,13 @@ struct TensorPtrs {
   const void* v = nullptr;     // kStreamAdam: exp_avg_sq (nullptr: fresh state)
   const void* vmax = nullptr;  // kStreamAdam: max_exp_avg_sq (nullptr: no amsgrad, or fresh state)
   int dv = 0, dvmax = 0;
-  double scalars[kMaxStreamScalars] = {};  // the step's scalars (stream_modes.h: AdamScalar)
+  StreamCoef<double> coef{};  // the step's constants, from the op's scalars (StreamCoef::make)
 };
+
+// Whether a stream mode computes in double (any input float64) or in float (stream_modes.h).
+inline bool stream_in_double(const TensorPtrs& p) {
+  return p.dx == kF64 || p.dy == kF64 || (p.z && p.dz == kF64) || (p.v && p.dv == kF64) ||
+         (p.vmax && p.dvmax == kF64);
+}
 
 }  // namespace nmx

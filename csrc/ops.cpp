@@ -4,7 +4,6 @@
 
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 
 namespace nmx {
@@ -113,7 +112,7 @@ Call prepare_stream_call(int mode, at::TensorList params, at::TensorList grads, 
       TORCH_CHECK_VALUE(std::isfinite(s[k]), op, ": scalar ", k, " of tensor ", i, " is ", s[k]);
     TORCH_CHECK_VALUE(s[kBeta1] >= 0.0 && s[kBeta1] < 1.0, op, ": beta1 of tensor ", i, " is ", s[kBeta1],
                       ", not in [0, 1)");
-    std::copy(s, s + stride, p.scalars);
+    p.coef = StreamCoef<double>::make(s, mode);
     if (mode != kStreamAdam) continue;
     TORCH_CHECK_VALUE(s[kBeta2] >= 0.0 && s[kBeta2] < 1.0 && s[kEps] >= 0.0 && s[kBc1] > 0.0 && s[kBc1] <= 1.0 &&
                       s[kBc2] > 0.0 && s[kBc2] <= 1.0 && (s[kMaximize] == 0.0 || s[kMaximize] == 1.0),

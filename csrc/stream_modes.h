@@ -32,7 +32,6 @@ enum StreamMode : int { kStreamPlain = 0, kStreamAdam = 1, kStreamLion = 2 };
 // The op's per-tensor scalars, in this order (ops.py's ADAM_SCALARS / LION_SCALARS).
 enum AdamScalar : int { kBeta1 = 0, kBeta2, kEps, kBc1, kBc2, kL2, kMaximize, kAdamScalars };
 constexpr int kLionScalars = 1;  // β₁
-constexpr int kMaxStreamScalars = kAdamScalars;
 
 // The step's constants in the arithmetic's precision, from the op's double scalars.  The weights
 // 1 − β are formed in double and then rounded, as torch forms them in Python before a float kernel.

@@ -235,26 +235,29 @@ def test_fuzz_against_reference(backend_, data):
     n = len(params)
     kw = dict(step=[draw(st.integers(1, 50)) for _ in range(n)],
               betas=[(draw(st.floats(0, 0.99)), draw(st.floats(0, 0.9999))) for _ in range(n)],
-              eps=draw(st.sampled_from([0.0, 1e-8, 1e-3])), weight_decay=[draw(st.sampled_from([0.0, 0.1])) for _ in range(n)],
+              eps=draw(st.sampled_from([0.0, 1e-8, 1e-3])),
+              weight_decay=[draw(st.sampled_from([0.0, 0.1])) for _ in range(n)],
               decoupled_weight_decay=draw(st.booleans()), maximize=[draw(st.booleans()) for _ in range(n)])
     got = backend_.adam(params, views, grads, ms, vs, vmaxs, **kw)
     args = _adam_args(params, views, grads, ms, vs, vmaxs, kw["step"], kw["betas"], kw["eps"], kw["weight_decay"],
                       kw["decoupled_weight_decay"], kw["maximize"])
     want = adam_moments_reference(*args)
-    # float64 arithmetic for the tensors with a float64 input, float32 for the others: a tolerance per row.
-    f64 = [any(t is not None and t.dtype == torch.float64 for t in ts) for ts in zip(params, grads, ms, vs, vmaxs)]
     table = args[5]
-    tol = torch.tensor([1e-13 if f64[table[q]] else FLOAT_TOL for q in range(0, len(table), 4)
-                        for _ in range(table[q + 2])], dtype=torch.float64)[:, None]
+    tol = row_tolerance(table, [*zip(params, grads, ms, vs, vmaxs)])
     assert_moments_close(got, want, rounding_scale(args[0], table, *adam_streams(*args[:5], args[6])), tol)
 
     got = backend_.lion(params, views, grads, ms, betas=kw["betas"])
     largs = _lion_args(params, views, grads, ms, kw["betas"])
-    f64 = [any(t is not None and t.dtype == torch.float64 for t in ts) for ts in zip(params, grads, ms)]
-    tol = torch.tensor([1e-13 if f64[table[q]] else FLOAT_TOL for q in range(0, len(table), 4)
-                        for _ in range(table[q + 2])], dtype=torch.float64)[:, None]
     want = lion_moments_reference(*largs)
+    tol = row_tolerance(table, [*zip(params, grads, ms)])
     assert_moments_close(got, want, rounding_scale(largs[0], table, *lion_streams(*largs[:3], largs[4])), tol)
+
+
+def row_tolerance(table, inputs):
+    """Per output row: 1e-13 where the tensor's arithmetic is float64 (any input float64), else FLOAT_TOL."""
+    f64 = [any(t is not None and t.dtype == torch.float64 for t in ts) for ts in inputs]
+    return torch.tensor([1e-13 if f64[table[q]] else FLOAT_TOL for q in range(0, len(table), 4)
+                         for _ in range(table[q + 2])], dtype=torch.float64)[:, None]
 
 
 def rounding_scale(params, table, ps, us):

@@ -227,7 +227,7 @@ NMX_INLINE void form_streams(const TensorPtrs& tp, int64_t off, int64_t n, int64
     x = as_type<F>(tp.x, tp.dx, off, n, scratch + 2 * segment);
     const F* g = as_type<F>(tp.y, tp.dy, off, n, scratch + 3 * segment);
     const F* m = tp.z ? as_type<F>(tp.z, tp.dz, off, n, scratch + 4 * segment) : nullptr;
-    const StreamCoef<F> c = StreamCoef<F>::make(tp.scalars, tp.mode);
+    const StreamCoef<F> c = StreamCoef<F>::from(tp.coef);
     if (tp.mode == kStreamLion) {
       if (m) lion_row<true>(g, m, n, c, p, u);
       else lion_row<false>(g, m, n, c, p, u);
@@ -235,8 +235,12 @@ NMX_INLINE void form_streams(const TensorPtrs& tp, int64_t off, int64_t n, int64
       adam_row<false, false>(x, g, m, m, m, n, c, p, u);
     } else {
       const F* v = as_type<F>(tp.v, tp.dv, off, n, scratch + 5 * segment);
-      if (tp.vmax) adam_row<true, true>(x, g, m, v, as_type<F>(tp.vmax, tp.dvmax, off, n, scratch + 6 * segment), n, c, p, u);
-      else adam_row<true, false>(x, g, m, v, v, n, c, p, u);
+      if (tp.vmax) {
+        const F* vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, scratch + 6 * segment);
+        adam_row<true, true>(x, g, m, v, vmax, n, c, p, u);
+      } else {
+        adam_row<true, false>(x, g, m, v, v, n, c, p, u);
+      }
     }
     y = p;
     z = u;
@@ -459,10 +463,8 @@ void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, dou
   const ItemRec& it = plan.items[item];
   const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
   if (tp.mode != kStreamPlain) {
-    // A stream mode forms (θ, p, u), all three present, in double when any input is float64, else in float.
-    const bool f64 = tp.dx == kF64 || tp.dy == kF64 || (tp.z && tp.dz == kF64) || (tp.v && tp.dv == kF64) ||
-                     (tp.vmax && tp.dvmax == kF64);
-    if (f64) return run_item<true, true, double, double, double>(plan, it, tp, slots);
+    // A stream mode forms (θ, p, u), all three present, in double or float.
+    if (stream_in_double(tp)) return run_item<true, true, double, double, double>(plan, it, tp, slots);
     return run_item<true, true, float, float, float>(plan, it, tp, slots);
   }
   // An absent y or z takes x's dtype, so that it does not break the "one dtype" case.

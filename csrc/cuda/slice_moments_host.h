@@ -87,14 +87,9 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
     row[kModeField] = p.mode;
     row[kModeField + 1] = reinterpret_cast<int64_t>(p.v), row[kModeField + 2] = reinterpret_cast<int64_t>(p.vmax);
     row[kModeField + 3] = p.dv, row[kModeField + 4] = p.dvmax;
-    // The arithmetic in double when any input is float64 (as the CPU kernels: stream_modes.h).
-    row[kModeField + 5] = p.dx == kF64 || p.dy == kF64 || (p.z && p.dz == kF64) || (p.v && p.dv == kF64) ||
-                          (p.vmax && p.dvmax == kF64);
+    row[kModeField + 5] = stream_in_double(p);
     std::fill(row + kCoefField, row + kTensorFields, int64_t(0));
-    if (p.mode != kStreamPlain) {
-      const StreamCoef<double> coef = StreamCoef<double>::make(p.scalars, p.mode);
-      std::memcpy(row + kCoefField, &coef, sizeof coef);
-    }
+    std::memcpy(row + kCoefField, &p.coef, sizeof p.coef);
   }
   at::Tensor tensors = backend.upload(host);
 
@@ -106,13 +101,17 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
             reinterpret_cast<const ViewRec*>(blob + tables.views),
             reinterpret_cast<const ItemRec*>(blob + tables.items), nullptr, 0, tensors.data_ptr<int64_t>(),
             slots.data_ptr<double>()};
+  // A call is in one mode: every tensor of it, or none, is in a stream mode.
+  const bool stream = call.tensors[0].mode != kStreamPlain;
   if (tables.num_col > 0) {
     tb.item_ids = blob + tables.col_ids, tb.num_items = tables.num_col;
-    backend.launch(items_kernel<true>, static_cast<unsigned>(tables.num_col), kThreads, tb);
+    backend.launch(stream ? items_kernel<true, true> : items_kernel<true, false>,
+                   static_cast<unsigned>(tables.num_col), kThreads, tb);
   }
   if (tables.num_run > 0) {
     tb.item_ids = blob + tables.run_ids, tb.num_items = tables.num_run;
-    backend.launch(items_kernel<false>, static_cast<unsigned>(tables.num_run), kThreads, tb);
+    backend.launch(stream ? items_kernel<false, true> : items_kernel<false, false>,
+                   static_cast<unsigned>(tables.num_run), kThreads, tb);
   }
   const int64_t n = plan->num_rows * kMoments;
   if (n > 0) {

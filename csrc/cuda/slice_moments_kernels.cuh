@@ -171,7 +171,9 @@ __device__ __forceinline__ double moment_at(const Moments<double>& a, int m) {
   return v;
 }
 
-template <bool HAS_COL>
+// STREAM: the call is in a stream mode (stream_modes.h).  A template parameter, so that slice_moments'
+// kernels keep their registers (the stream modes' arithmetic took the RUN kernel from 128 to 174).
+template <bool HAS_COL, bool STREAM>
 __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   __shared__ double rowbuf[kRowBuf][kMoments];
   __shared__ double colbuf[kTile];
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   const void* py = reinterpret_cast<const void*>(tp[1]);
   const void* pz = reinterpret_cast<const void*>(tp[2]);
   const int dx = int(tp[3]), dy = int(tp[4]), dz = int(tp[5]);
-  const int mode = int(tp[kModeField]);
+  const int mode = STREAM ? int(tp[kModeField]) : kStreamPlain;
   const bool hy = py != nullptr || mode != kStreamPlain, hz = pz != nullptr || mode != kStreamPlain;
   const bool vec = tp[6] != 0 && e.L % 4 == 0;
   const bool has_run = e.has_run != 0;
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
           load_lane(px, dx, vec, row_base, tc + first_col, it.c1, lane_stride, x);
           load_lane(py, dy, vec, row_base, tc + first_col, it.c1, lane_stride, y);
           load_lane(pz, dz, vec, row_base, tc + first_col, it.c1, lane_stride, z);
-          if (mode != kStreamPlain) form_lane(tp, mode, vec, row_base, tc + first_col, it.c1, lane_stride, x, y, z);
+          if (STREAM && mode != kStreamPlain) form_lane(tp, mode, vec, row_base, tc + first_col, it.c1, lane_stride, x, y, z);
 #pragma unroll
           for (int t = 0; t < kColsPerLane; ++t) {
             if (HAS_COL) accumulate_present(col[t], x[t], y[t], z[t], hy, hz);
