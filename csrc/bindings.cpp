@@ -47,6 +47,24 @@ at::Tensor slice_moments_cuda_emulated(const std::vector<at::Tensor>& xs,
   for (const auto& t : zs) z.push_back(t);
   return nmx::slice_moments_cuda_emulated(xs, y, z, views, schedule_seed);
 }
+
+// adam_moments (mode 1) or lion_moments (mode 2) on the emulated CUDA kernels.
+at::Tensor stream_moments_cuda_emulated(int mode, const std::vector<at::Tensor>& params,
+                                        const std::vector<at::Tensor>& grads,
+                                        const std::vector<std::optional<at::Tensor>>& exp_avgs,
+                                        const std::vector<std::optional<at::Tensor>>& exp_avg_sqs,
+                                        const std::vector<std::optional<at::Tensor>>& max_exp_avg_sqs,
+                                        const std::vector<int64_t>& views, const std::vector<double>& scalars,
+                                        uint64_t schedule_seed) {
+  TORCH_CHECK_VALUE(mode == nmx::kStreamAdam || mode == nmx::kStreamLion, "stream_moments_cuda_emulated: mode ",
+                    mode, " is not a stream mode");
+  nmx::OptionalTensorList m, v, vmax;
+  for (const auto& t : exp_avgs) m.push_back(t);
+  for (const auto& t : exp_avg_sqs) v.push_back(t);
+  for (const auto& t : max_exp_avg_sqs) vmax.push_back(t);
+  return nmx::run_cuda_emulated(nmx::prepare_stream_call(mode, params, grads, m, v, vmax, views, scalars),
+                                schedule_seed);
+}
 #endif
 
 }  // namespace
@@ -59,6 +77,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Test only: slice_moments' CUDA kernels on the host SIMT emulation (CPU tensors, flat views)",
         pybind11::arg("xs"), pybind11::arg("ys"), pybind11::arg("zs"), pybind11::arg("views"),
         pybind11::arg("schedule_seed"));
+  m.def("stream_moments_cuda_emulated", &stream_moments_cuda_emulated,
+        "Test only: adam_moments (mode 1) / lion_moments (mode 2) on the emulated CUDA kernels",
+        pybind11::arg("mode"), pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("exp_avgs"),
+        pybind11::arg("exp_avg_sqs"), pybind11::arg("max_exp_avg_sqs"), pybind11::arg("views"),
+        pybind11::arg("scalars"), pybind11::arg("schedule_seed"));
   m.def("cuda_emulation_selftest", &nmx::cuda_emulation_selftest,
         "Test only: one of the emulation's own test kernels, by name", pybind11::arg("kernel"),
         pybind11::arg("schedule_seed"));

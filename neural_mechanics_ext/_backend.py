@@ -32,11 +32,17 @@ else:
         load_error = exc
 
 if _C is None:
-    from .reference import slice_moments_reference
+    from .reference import adam_moments_reference, lion_moments_reference, slice_moments_reference
 
     _lib = torch.library.Library(NAMESPACE, "DEF")
     _lib.define("slice_moments(Tensor[] xs, Tensor?[] ys, Tensor?[] zs, int[] views) -> Tensor")
+    _lib.define("adam_moments(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
+                "Tensor?[] max_exp_avg_sqs, int[] views, float[] scalars) -> Tensor")
+    _lib.define("lion_moments(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, int[] views, "
+                "float[] scalars) -> Tensor")
     _lib.impl("slice_moments", slice_moments_reference, "CompositeExplicitAutograd")
+    _lib.impl("adam_moments", adam_moments_reference, "CompositeExplicitAutograd")
+    _lib.impl("lion_moments", lion_moments_reference, "CompositeExplicitAutograd")
     warnings.warn(
         f"neural_mechanics_ext: the compiled extension is not available ({load_error}); "
         f"using the plain-torch reference kernels, which are correct but slow. To {BUILD_HINT}.",

@@ -5,10 +5,10 @@ reduced with ordinary torch reductions.  The compiled kernels must agree with th
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
-
 
 
 def slice_moments_reference(
@@ -48,3 +48,60 @@ def slice_moments_reference(
 
 def _entry(ts, i):
     return ts[i] if len(ts) else None
+
+
+def adam_moments_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, view_table, scalars):
+    """``adam_moments``: the moments of (θ, p, u) with (p, u) from :func:`adam_streams`."""
+    ps, us = adam_streams(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars)
+    return slice_moments_reference(params, ps, us, view_table)
+
+
+def lion_moments_reference(params, grads, exp_avgs, view_table, scalars):
+    """``lion_moments``: the moments of (θ, c, sign c) with (c, sign c) from :func:`lion_streams`."""
+    ps, us = lion_streams(params, grads, exp_avgs, scalars)
+    return slice_moments_reference(params, ps, us, view_table)
+
+
+def adam_streams(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars):
+    """Adam's (p, u) = (m', u) per parameter, with torch ops (csrc/stream_modes.h's formula).
+
+    ``scalars`` holds per tensor (β₁, β₂, ε, bc₁, bc₂, coupled λ, maximize) (ops.ADAM_SCALARS); the state
+    lists are empty or hold a tensor or ``None`` per parameter (``None``: zeros).  The arithmetic is in
+    float64 when any input of a tensor is, else float32, as in the kernels."""
+    ps, us = [], []
+    for i, theta in enumerate(params):
+        b1, b2, eps, bc1, bc2, l2, maximize = scalars[7 * i: 7 * i + 7]
+        m, v, vmax = _entry(exp_avgs, i), _entry(exp_avg_sqs, i), _entry(max_exp_avg_sqs, i)
+        dtype = _math_dtype(theta, grads[i], m, v, vmax)
+        th, g = theta.detach().to(dtype), grads[i].detach().to(dtype)
+        g = -g if maximize else g
+        if l2 != 0.0:
+            g = g.add(th, alpha=l2)
+        zero = torch.zeros_like(th)
+        m, v = (zero if t is None else t.detach().to(dtype) for t in (m, v))
+        p = torch.lerp(m, g, 1.0 - b1)
+        v1 = (v * b2).addcmul_(g, g, value=1.0 - b2)
+        if vmax is not None:
+            v1 = torch.maximum(vmax.detach().to(dtype), v1)
+        denom = v1.sqrt().mul_(1.0 / math.sqrt(bc2)).add_(eps)
+        ps.append(p)
+        us.append((p / denom).mul_(1.0 / bc1))
+    return ps, us
+
+
+def lion_streams(params, grads, exp_avgs, scalars):
+    """Lion's (c, sign c) per parameter, c = β₁m + (1 − β₁)g, with torch ops (``None`` or absent m: zeros)."""
+    ps, us = [], []
+    for i, theta in enumerate(params):
+        m = _entry(exp_avgs, i)
+        dtype = _math_dtype(theta, grads[i], m)
+        g = grads[i].detach().to(dtype)
+        m = torch.zeros_like(g) if m is None else m.detach().to(dtype)
+        c = (m * scalars[i]).add_(g, alpha=1.0 - scalars[i])
+        ps.append(c)
+        us.append(torch.sign(c))
+    return ps, us
+
+
+def _math_dtype(*tensors):
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -190,6 +190,63 @@ const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* sc
   }
 }
 
+// ---- the stream modes (stream_modes.h) ------------------------------------------------------------
+// Adam's and Lion's (p, u) of one row, in F.  Kept apart from the reductions: a plain loop over arrays,
+// which the compiler vectorises in F's full width (sqrt included, with -fno-math-errno).  STATE: m and v
+// exist (else a fresh optimizer: zeros); AMS: v_max too.
+template <bool STATE, bool AMS, typename F>
+NMX_INLINE void adam_row(const F* __restrict th, const F* __restrict g, const F* __restrict m, const F* __restrict v,
+                         const F* __restrict vmax, int64_t n, const StreamCoef<F>& coef, F* __restrict p,
+                         F* __restrict u) {
+  const StreamCoef<F> c = coef;  // a local copy: the loop keeps it in registers
+  for (int64_t i = 0; i < n; ++i)
+    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p[i], u[i]);
+}
+
+template <bool STATE, typename F>
+NMX_INLINE void lion_row(const F* __restrict g, const F* __restrict m, int64_t n, const StreamCoef<F>& coef,
+                         F* __restrict p, F* __restrict u) {
+  const StreamCoef<F> c = coef;
+  for (int64_t i = 0; i < n; ++i) lion_direction(g[i], STATE ? m[i] : F(0), c, p[i], u[i]);
+}
+
+// The scratch a row needs, in segments of doubles: x, y, z converted (plain), or the five inputs of a
+// stream mode converted and its p and u.
+constexpr int kPlainScratch = 3, kStreamScratch = 7;
+
+// A stream mode's (x, y, z) = (θ, p, u) for n elements of one row, in F: each input read in place when
+// its dtype is F, else converted into `scratch`; p and u are written there.  (Instantiated for every
+// type combination of run_item; only the F, F, F ones are reached.)
+template <typename TX, typename TY, typename TZ>
+NMX_INLINE void form_streams(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* scratch,
+                             const TX*& x, const TY*& y, const TZ*& z) {
+  if constexpr (std::is_floating_point<TX>::value && std::is_same<TX, TY>::value && std::is_same<TX, TZ>::value) {
+    using F = TX;
+    F* const p = reinterpret_cast<F*>(scratch);
+    F* const u = reinterpret_cast<F*>(scratch + segment);
+    x = as_type<F>(tp.x, tp.dx, off, n, scratch + 2 * segment);
+    const F* g = as_type<F>(tp.y, tp.dy, off, n, scratch + 3 * segment);
+    const F* m = tp.z ? as_type<F>(tp.z, tp.dz, off, n, scratch + 4 * segment) : nullptr;
+    const StreamCoef<F> c = StreamCoef<F>::from(tp.coef);
+    if (tp.mode == kStreamLion) {
+      if (m) lion_row<true>(g, m, n, c, p, u);
+      else lion_row<false>(g, m, n, c, p, u);
+    } else if (!m) {
+      adam_row<false, false>(x, g, m, m, m, n, c, p, u);
+    } else {
+      const F* v = as_type<F>(tp.v, tp.dv, off, n, scratch + 5 * segment);
+      if (tp.vmax) {
+        const F* vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, scratch + 6 * segment);
+        adam_row<true, true>(x, g, m, v, vmax, n, c, p, u);
+      } else {
+        adam_row<true, false>(x, g, m, v, v, n, c, p, u);
+      }
+    }
+    y = p;
+    z = u;
+  }
+}
+
 // ---- the two reductions ----------------------------------------------------------------------------
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
 // its AVX-512 register saves) cost three times the work on narrow tensors.
@@ -298,7 +355,8 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     zero(z0);
     rowtot.assign(rows, z0);
   }
-  scratch.resize(3 * kRowGroup * segment);
+  const int scratch_rows = tp.mode == kStreamPlain ? kPlainScratch : kStreamScratch;
+  scratch.resize(scratch_rows * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
   double* const cs = colsum.data() + ((64 - reinterpret_cast<uintptr_t>(colsum.data()) % 64) % 64) / sizeof(double);
@@ -317,7 +375,11 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       const TZ* zp[kRowGroup] = {};
       for (int q = 0; q < nr; ++q) {
         const int64_t off = (r + q) * L + s0;
-        double* sc = sc0 + 3 * q * segment;
+        double* sc = sc0 + scratch_rows * q * segment;
+        if (tp.mode != kStreamPlain) {
+          form_streams(tp, off, n, segment, sc, xp[q], yp[q], zp[q]);
+          continue;
+        }
         xp[q] = as_type<TX>(tp.x, tp.dx, off, n, sc);
         if (HY) yp[q] = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
         if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
@@ -400,6 +462,11 @@ void run_one_type(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, dou
 void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, double* slots) {
   const ItemRec& it = plan.items[item];
   const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
+  if (tp.mode != kStreamPlain) {
+    // A stream mode forms (θ, p, u), all three present, in double or float.
+    if (stream_in_double(tp)) return run_item<true, true, double, double, double>(plan, it, tp, slots);
+    return run_item<true, true, float, float, float>(plan, it, tp, slots);
+  }
   // An absent y or z takes x's dtype, so that it does not break the "one dtype" case.
   const int dx = tp.dx, dy = tp.y ? tp.dy : dx, dz = tp.z ? tp.dz : dx;
   if (dx == dy && dx == dz) {

@@ -13,9 +13,10 @@
 
 namespace nmx {
 
-at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
-                             at::IntArrayRef views) {
-  Call call = prepare_call(xs, ys, zs, views);
+namespace {
+
+// Any prepared call: slice_moments' or a stream mode's.
+at::Tensor run_cpu(const Call& call) {
   // Items of about a million elements.  Items with COL views are at most 2048 columns wide, so that
   // their column sums (72 bytes per column) stay in L2: full rows of vgg16_bn's 25088-wide classifier
   // put 1.8 MB of them in the shared L3, which ran slower and varied with the neighbours' load.  The
@@ -60,6 +61,30 @@ at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, co
   return out;
 }
 
+}  // namespace
+
+at::Tensor slice_moments_cpu(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
+                             at::IntArrayRef views) {
+  return run_cpu(prepare_call(xs, ys, zs, views));
+}
+
+at::Tensor adam_moments_cpu(at::TensorList params, at::TensorList grads, const OptionalTensorList& exp_avgs,
+                            const OptionalTensorList& exp_avg_sqs, const OptionalTensorList& max_exp_avg_sqs,
+                            at::IntArrayRef views, at::ArrayRef<double> scalars) {
+  return run_cpu(prepare_stream_call(kStreamAdam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, views,
+                                     scalars));
+}
+
+at::Tensor lion_moments_cpu(at::TensorList params, at::TensorList grads, const OptionalTensorList& exp_avgs,
+                            at::IntArrayRef views, at::ArrayRef<double> scalars) {
+  return run_cpu(prepare_stream_call(kStreamLion, params, grads, exp_avgs, OptionalTensorList(),
+                                     OptionalTensorList(), views, scalars));
+}
+
 }  // namespace nmx
 
-TORCH_LIBRARY_IMPL(neural_mechanics_ext, CPU, m) { m.impl("slice_moments", &nmx::slice_moments_cpu); }
+TORCH_LIBRARY_IMPL(neural_mechanics_ext, CPU, m) {
+  m.impl("slice_moments", &nmx::slice_moments_cpu);
+  m.impl("adam_moments", &nmx::adam_moments_cpu);
+  m.impl("lion_moments", &nmx::lion_moments_cpu);
+}

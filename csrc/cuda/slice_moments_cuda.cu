@@ -72,10 +72,8 @@ struct GpuBackend {
   }
 };
 
-at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
-                              at::IntArrayRef views) {
-  const Call call = prepare_call(xs, ys, zs, views);
-  const at::Device device = xs[0].device();
+// Any prepared call: slice_moments' or a stream mode's.
+at::Tensor run_cuda(const Call& call, const at::Device& device) {
   const c10::cuda::CUDAGuard guard(device);
   // Each call uploads its tensors' addresses from a pinned host table: a replayed graph would read
   // whatever that table holds by then.  Refuse capture rather than replay wrong numbers.
@@ -86,7 +84,32 @@ at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, c
   return run_slice_moments(backend, call);
 }
 
+at::Tensor slice_moments_cuda(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
+                              at::IntArrayRef views) {
+  const Call call = prepare_call(xs, ys, zs, views);  // checks that xs is not empty
+  return run_cuda(call, xs[0].device());
+}
+
+at::Tensor adam_moments_cuda(at::TensorList params, at::TensorList grads, const OptionalTensorList& exp_avgs,
+                             const OptionalTensorList& exp_avg_sqs, const OptionalTensorList& max_exp_avg_sqs,
+                             at::IntArrayRef views, at::ArrayRef<double> scalars) {
+  const Call call =
+      prepare_stream_call(kStreamAdam, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, views, scalars);
+  return run_cuda(call, params[0].device());
+}
+
+at::Tensor lion_moments_cuda(at::TensorList params, at::TensorList grads, const OptionalTensorList& exp_avgs,
+                             at::IntArrayRef views, at::ArrayRef<double> scalars) {
+  const Call call = prepare_stream_call(kStreamLion, params, grads, exp_avgs, OptionalTensorList(),
+                                        OptionalTensorList(), views, scalars);
+  return run_cuda(call, params[0].device());
+}
+
 }  // namespace
 }  // namespace nmx
 
-TORCH_LIBRARY_IMPL(neural_mechanics_ext, CUDA, m) { m.impl("slice_moments", &nmx::slice_moments_cuda); }
+TORCH_LIBRARY_IMPL(neural_mechanics_ext, CUDA, m) {
+  m.impl("slice_moments", &nmx::slice_moments_cuda);
+  m.impl("adam_moments", &nmx::adam_moments_cuda);
+  m.impl("lion_moments", &nmx::lion_moments_cuda);
+}

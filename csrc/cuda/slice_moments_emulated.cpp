@@ -40,7 +40,12 @@ at::Tensor slice_moments_cuda_emulated(at::TensorList xs, const OptionalTensorLi
   TORCH_CHECK_VALUE(!xs.empty(), "slice_moments_cuda_emulated: xs is empty");
   TORCH_CHECK_VALUE(xs[0].device().is_cpu(), "slice_moments_cuda_emulated: the emulation reads CPU tensors, got ",
                     xs[0].device());
-  const Call call = prepare_call(xs, ys, zs, views);
+  return run_cuda_emulated(prepare_call(xs, ys, zs, views), schedule_seed);
+}
+
+at::Tensor run_cuda_emulated(const Call& call, uint64_t schedule_seed) {
+  for (const at::Tensor& t : call.keep)
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "the CUDA emulation reads CPU tensors, got one on ", t.device());
   EmulatedBackend backend{schedule_seed};
   return run_slice_moments(backend, call);
 }

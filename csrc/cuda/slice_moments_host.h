@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -81,7 +82,14 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
     row[0] = reinterpret_cast<int64_t>(p.x), row[1] = reinterpret_cast<int64_t>(p.y);
     row[2] = reinterpret_cast<int64_t>(p.z);
     row[3] = p.dx, row[4] = p.dy, row[5] = p.dz;
-    row[6] = aligned(p.x, p.dx) && aligned(p.y, p.dy) && aligned(p.z, p.dz);
+    row[6] = aligned(p.x, p.dx) && aligned(p.y, p.dy) && aligned(p.z, p.dz) && aligned(p.v, p.dv) &&
+             aligned(p.vmax, p.dvmax);
+    row[kModeField] = p.mode;
+    row[kModeField + 1] = reinterpret_cast<int64_t>(p.v), row[kModeField + 2] = reinterpret_cast<int64_t>(p.vmax);
+    row[kModeField + 3] = p.dv, row[kModeField + 4] = p.dvmax;
+    row[kModeField + 5] = stream_in_double(p);
+    std::fill(row + kCoefField, row + kTensorFields, int64_t(0));
+    std::memcpy(row + kCoefField, &p.coef, sizeof p.coef);
   }
   at::Tensor tensors = backend.upload(host);
 
@@ -93,13 +101,17 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
             reinterpret_cast<const ViewRec*>(blob + tables.views),
             reinterpret_cast<const ItemRec*>(blob + tables.items), nullptr, 0, tensors.data_ptr<int64_t>(),
             slots.data_ptr<double>()};
+  // A call is in one mode: every tensor of it, or none, is in a stream mode.
+  const bool stream = call.tensors[0].mode != kStreamPlain;
   if (tables.num_col > 0) {
     tb.item_ids = blob + tables.col_ids, tb.num_items = tables.num_col;
-    backend.launch(items_kernel<true>, static_cast<unsigned>(tables.num_col), kThreads, tb);
+    backend.launch(stream ? items_kernel<true, true> : items_kernel<true, false>,
+                   static_cast<unsigned>(tables.num_col), kThreads, tb);
   }
   if (tables.num_run > 0) {
     tb.item_ids = blob + tables.run_ids, tb.num_items = tables.num_run;
-    backend.launch(items_kernel<false>, static_cast<unsigned>(tables.num_run), kThreads, tb);
+    backend.launch(stream ? items_kernel<false, true> : items_kernel<false, false>,
+                   static_cast<unsigned>(tables.num_run), kThreads, tb);
   }
   const int64_t n = plan->num_rows * kMoments;
   if (n > 0) {

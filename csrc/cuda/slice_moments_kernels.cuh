@@ -19,10 +19,12 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "../kernel_types.h"
 #include "../moments.h"
 #include "../plan.h"
+#include "../stream_modes.h"
 
 namespace nmx {
 // Internal linkage: each file that includes this compiles it for its own back end (GPU or emulation).
@@ -32,7 +34,10 @@ constexpr int kThreads = 256;
 constexpr int kColsPerLane = 4;
 constexpr int kTile = kThreads * kColsPerLane;  // widest item with COL views (PlanConfig.col_width)
 constexpr int kRowBuf = 256;                    // row totals (per warp) buffered before a flush
-constexpr int kTensorFields = 7;                // x, y, z, dx, dy, dz, aligned4
+// The pointer table's row per tensor: x, y, z, dx, dy, dz, aligned4, then the stream mode's fields: mode,
+// v, vmax, dv, dvmax, in_double (its arithmetic's precision) and the step's constants (a StreamCoef<double>).
+constexpr int kModeField = 7, kCoefField = 13;
+constexpr int kTensorFields = kCoefField + int((sizeof(StreamCoef<double>) + sizeof(int64_t) - 1) / sizeof(int64_t));
 
 struct Tables {
   const EntryRec* entries;
@@ -108,6 +113,41 @@ __device__ __forceinline__ void load_lane(const void* p, int dtype, bool vec, in
   }
 }
 
+// A stream mode's (θ, p, u) in x, y, z, which hold the lane's θ, g and exp_avg (stream_modes.h), in F.
+// Columns past the item's end (`live` false) stay zero: formed from zeros, u would be 0/ε, NaN for ε = 0.
+template <typename F>
+__device__ __forceinline__ void form_lane_in(int mode, const StreamCoef<double>& cd, bool ams, const bool live[4],
+                                             const double x[4], double y[4], double z[4], const double v[4],
+                                             const double vmax[4]) {
+  const StreamCoef<F> c = StreamCoef<F>::from(cd);
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    F p = F(0), u = F(0);
+    if (live[t] && mode == kStreamLion) lion_direction(F(y[t]), F(z[t]), c, p, u);
+    else if (live[t] && ams) adam_direction<true>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(vmax[t]), c, p, u);
+    else if (live[t]) adam_direction<false>(F(x[t]), F(y[t]), F(z[t]), F(v[t]), F(0), c, p, u);
+    y[t] = p, z[t] = u;
+  }
+}
+
+// Stream modes: reads the lane's exp_avg_sq and max_exp_avg_sq (Adam) and turns x, y, z = (θ, g, exp_avg)
+// into (θ, p, u).  The constants are read from the table here, not kept in registers across the loop.
+__device__ __forceinline__ void form_lane(const int64_t* tp, int mode, bool vec, int64_t row_base, int64_t col,
+                                          int64_t c1, int lane_stride, const double x[4], double y[4], double z[4]) {
+  double v[4], vmax[4];
+  const void* pvmax = reinterpret_cast<const void*>(tp[kModeField + 2]);
+  load_lane(reinterpret_cast<const void*>(tp[kModeField + 1]), int(tp[kModeField + 3]), vec, row_base, col, c1,
+            lane_stride, v);
+  if (pvmax != nullptr) load_lane(pvmax, int(tp[kModeField + 4]), vec, row_base, col, c1, lane_stride, vmax);
+  StreamCoef<double> cd;
+  memcpy(&cd, tp + kCoefField, sizeof cd);
+  bool live[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) live[t] = vec ? col < c1 : col + int64_t(t) * lane_stride < c1;  // as load_lane
+  if (tp[kModeField + 5] != 0) form_lane_in<double>(mode, cd, pvmax != nullptr, live, x, y, z, v, vmax);
+  else form_lane_in<float>(mode, cd, pvmax != nullptr, live, x, y, z, v, vmax);
+}
+
 __device__ __forceinline__ double shfl_xor(double v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 
 // One element's terms, leaving out those of an absent y / z as the CPU kernels do (moments.h): adding
@@ -131,7 +171,9 @@ __device__ __forceinline__ double moment_at(const Moments<double>& a, int m) {
   return v;
 }
 
-template <bool HAS_COL>
+// STREAM: the call is in a stream mode (stream_modes.h).  A template parameter, so that slice_moments'
+// kernels keep their registers (the stream modes' arithmetic took the RUN kernel from 128 to 174).
+template <bool HAS_COL, bool STREAM>
 __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   __shared__ double rowbuf[kRowBuf][kMoments];
   __shared__ double colbuf[kTile];
@@ -144,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   const void* py = reinterpret_cast<const void*>(tp[1]);
   const void* pz = reinterpret_cast<const void*>(tp[2]);
   const int dx = int(tp[3]), dy = int(tp[4]), dz = int(tp[5]);
-  const bool hy = py != nullptr, hz = pz != nullptr;
+  const int mode = STREAM ? int(tp[kModeField]) : kStreamPlain;
+  const bool hy = py != nullptr || mode != kStreamPlain, hz = pz != nullptr || mode != kStreamPlain;
   const bool vec = tp[6] != 0 && e.L % 4 == 0;
   const bool has_run = e.has_run != 0;
 
@@ -187,6 +230,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
           load_lane(px, dx, vec, row_base, tc + first_col, it.c1, lane_stride, x);
           load_lane(py, dy, vec, row_base, tc + first_col, it.c1, lane_stride, y);
           load_lane(pz, dz, vec, row_base, tc + first_col, it.c1, lane_stride, z);
+          if (STREAM && mode != kStreamPlain) form_lane(tp, mode, vec, row_base, tc + first_col, it.c1, lane_stride, x, y, z);
 #pragma unroll
           for (int t = 0; t < kColsPerLane; ++t) {
             if (HAS_COL) accumulate_present(col[t], x[t], y[t], z[t], hy, hz);
