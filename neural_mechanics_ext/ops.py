@@ -1,13 +1,12 @@
 """Python face of the compiled ops: argument checking, the fake (meta) kernels, the public wrappers."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from . import _backend
-
-View = Tuple[int, int, int]
+from .views import View, full
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -24,11 +23,15 @@ def slice_moments(
 
     Args:
         xs: tensors (float32, float64, float16 or bfloat16), all on one device.
-        views: ``views[i]`` is a sequence of ``(A, K, B)`` with ``A*K*B == xs[i].numel()``.  The view
+        views: ``views[i]`` is a sequence of views of ``xs[i]``, each ``(A, K, B)`` with
+            ``A*K*B == xs[i].numel()``, or ``(A, K, B, offset, a_stride)`` for part of the tensor.  A view
             splits ``xs[i].flatten()`` into ``K`` slices; slice ``k`` holds the elements at flat index
-            ``a*K*B + k*B + b`` for ``a < A``, ``b < B``.  Rows of a Linear weight are ``(1, out, in)``,
-            its columns ``(out, in, 1)``, the input channels of a conv weight ``(out, in, kh*kw)``, the
-            whole tensor ``(1, 1, N)``.
+            ``offset + a*a_stride + k*B + b`` for ``a < A``, ``b < B`` (``(A, K, B)`` is
+            ``(A, K, B, 0, K*B)``; ``a_stride >= K*B`` when ``A > 1``).  Rows of a Linear weight are
+            ``(1, out, in)``, its columns ``(out, in, 1)``, the input channels of a conv weight
+            ``(out, in, kh*kw)``, the whole tensor ``(1, 1, N)``; columns ``E .. 2E-1`` of a fused ``[E, 3E]``
+            weight ``(E, E, 1, E, 3E)``, rows ``E .. 2E-1`` of a ``[3E, E]`` one ``(1, E, E, E*E, E*E)``.  Views may
+            overlap; each tensor is still read once when its views fit one layout (csrc/plan.h).
         ys, zs: ``None`` (absent), or one entry per ``xs`` entry: a tensor of the same shape as
             ``xs[i]`` (any supported dtype) or ``None``.  Absent tensors count as zeros.
 
@@ -72,21 +75,12 @@ def _check_inputs(xs, views, ys, zs):
                     f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
     table = []
     for i, (x, vs) in enumerate(zip(xs, views)):
-        if isinstance(vs, tuple) and len(vs) == 3 and all(isinstance(v, int) for v in vs):
+        if isinstance(vs, tuple) and len(vs) in (3, 5) and all(isinstance(v, int) for v in vs):
             raise ValueError(
-                f"slice_moments: views[{i}] must be a sequence of (A, K, B) triples; "
-                f"wrap a single view as [{vs}]")
+                f"slice_moments: views[{i}] must be a sequence of views (A, K, B) or "
+                f"(A, K, B, offset, a_stride); wrap a single view as [{vs}]")
         for j, v in enumerate(vs):
-            if len(v) != 3:
-                raise ValueError(f"slice_moments: views[{i}][{j}] = {v!r} is not an (A, K, B) triple")
-            a, k, b = (int(s) for s in v)
-            if min(a, k, b) < 0:
-                raise ValueError(f"slice_moments: views[{i}][{j}] = {tuple(v)} has a negative size")
-            if a * k * b != x.numel():
-                raise ValueError(
-                    f"slice_moments: views[{i}][{j}] = {tuple(v)} covers {a * k * b} elements but "
-                    f"xs[{i}] has {x.numel()} (shape {tuple(x.shape)})")
-            table += [i, a, k, b]
+            table += [i, *full(v, x.numel(), f"slice_moments: views[{i}][{j}]", f"xs[{i}]")]
     xs = [x.detach() for x in xs]
     return xs, ys, zs, table
 
@@ -120,6 +114,6 @@ def _describe_len(obj):
 
 @torch.library.register_fake("neural_mechanics_ext::slice_moments")
 def _slice_moments_fake(xs, ys, zs, views):
-    rows = sum(views[v + 2] for v in range(0, len(views), 4))
+    rows = sum(views[v + 2] for v in range(0, len(views), 6))  # (tensor, A, K, B, offset, a_stride)
     device = xs[0].device if len(xs) else torch.device("cpu")
     return torch.empty((rows, 9), dtype=torch.float64, device=device)
