@@ -16,6 +16,7 @@ import neural_mechanics_ext as nmx
 from neural_mechanics_ext import _backend
 from neural_mechanics_ext.ops import _check_inputs
 from neural_mechanics_ext.reference import slice_moments_reference
+from neural_mechanics_ext.views import full
 
 from conftest import CPU, DTYPES, EMULATED, needs_emulation
 from samples import LAYOUTS, sample_inputs
@@ -240,6 +241,33 @@ def test_inputs_requiring_grad_are_fine():
     p = torch.nn.Parameter(torch.randn(4, 5))
     out = nmx.slice_moments([p], [[(1, 4, 5)]])
     assert not out.requires_grad
+
+
+# ---- the plan: one read of each tensor, also with views of parts of it ---------------------------------
+def _plan(numels, views):
+    """csrc/plan.h's plan of a call: entries (tensor, R, L), views (kind, first row), elements read."""
+    return _backend._C.plan_summary(numels, [x for t, vs in enumerate(views) for v in vs for x in (t, *full(v))])
+
+
+@pytest.mark.skipif(not _backend.compiled, reason="the plan is the compiled op's")
+def test_partial_views_keep_one_read_per_tensor():
+    E = 64
+    # GPT-2 c_attn [E, 3E]: rows, the Q, K, V column blocks and the whole tensor share the layout [E, 3E].
+    plan = _plan([3 * E * E], [[(1, E, 3 * E), (E, E, 1, 0, 3 * E), (E, E, 1, E, 3 * E), (E, E, 1, 2 * E, 3 * E),
+                                (1, 1, 3 * E * E)]])
+    assert plan["entries"] == [(0, E, 3 * E)] and plan["elements_read"] == 3 * E * E
+    assert [k for k, _ in plan["views"]] == ["run", "run", "col", "col", "col"]
+    # in_proj_weight [3E, E], Q and K rows: one entry, and the V rows, which no view needs, are not read.
+    plan = _plan([3 * E * E], [[(1, E, E, 0, E * E), (1, E, E, E * E, E * E)]])
+    assert plan["entries"] == [(0, 3 * E, E)] and plan["elements_read"] == 2 * E * E
+    # Llama o_proj [E, 4 heads * 16]: the columns of every head and the rows, one read.
+    plan = _plan([E * E], [[(E, 16, 1, 16 * h, E) for h in range(4)] + [(1, E, E)]])
+    assert plan["entries"] == [(0, E, E)] and plan["elements_read"] == E * E
+    # RoPE pairs of q_proj [4 heads * 16, E] for 2 kv heads: RUN views with gaps, one read.
+    plan = _plan([E * E], [[(4, 8, E, g * 2 * 16 * E, 8 * E) for g in range(2)] + [(1, E, E)]])
+    assert plan["entries"] == [(0, E, E)] and [k for k, _ in plan["views"]] == ["run"] * 3
+    # Views with no layout in common still need two reads: (2, 2, 3) and (3, 2, 2) of 12 elements.
+    assert len(_plan([12], [[(2, 2, 3), (3, 2, 2)]])["entries"]) == 2
 
 
 # ---- bad input: a clear Python exception naming the problem -------------------------------------------

@@ -45,7 +45,7 @@ class SymmetryFamily:
         members = []
         for m in self.members:
             if len(m) != 3:
-                raise ValueError(f"SymmetryFamily {self.name!r}: member {m!r} is not (param_name, (A, K, B), sign)")
+                raise ValueError(f"SymmetryFamily {self.name!r}: member {m!r} is not (param_name, view, sign)")
             pname, view, sign = m
             if not isinstance(pname, str):
                 raise TypeError(f"SymmetryFamily {self.name!r}: parameter name {pname!r} is not a string")
@@ -68,9 +68,9 @@ class SymmetryFamily:
             raise ValueError(f"SymmetryFamily {self.name!r}: {self.kind} members all have sign +1")
         seen = set()
         for p, v, _ in members:
-            if (p, v) in seen:
+            if (p, full(v)) in seen:  # (A, K, B) and (A, K, B, 0, K*B) are one view
                 raise ValueError(f"SymmetryFamily {self.name!r}: member {p} {v} listed twice")
-            seen.add((p, v))
+            seen.add((p, full(v)))
 
     def resolve(self, named_parameters: dict) -> List[tuple]:
         """The members as ``(parameter, (A, K, B, offset, a_stride), sign)``; a clear error for an unknown
