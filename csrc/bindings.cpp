@@ -10,6 +10,7 @@
 
 #include "cpu/kernels.h"
 #include "ops.h"
+#include "plan.h"
 
 namespace {
 
@@ -67,11 +68,30 @@ at::Tensor stream_moments_cuda_emulated(int mode, const std::vector<at::Tensor>&
 }
 #endif
 
+// Test only: how the planner reads the tensors of a call (views_flat as the op takes it, unchecked):
+// entries (tensor, R, L), views (kind "col"/"run", first output row), and the elements its items read.
+pybind11::dict plan_summary(const std::vector<int64_t>& numels, const std::vector<int64_t>& views_flat) {
+  const nmx::PlanConfig config{2048, int64_t(1) << 20, int64_t(1) << 20, 256};  // the CPU's (layouts do not depend on it)
+  const auto plan = nmx::get_plan(numels, views_flat, config);
+  pybind11::list entries, views;
+  for (const auto& e : plan->entries) entries.append(pybind11::make_tuple(e.tensor, e.R, e.L));
+  for (const auto& v : plan->views) views.append(pybind11::make_tuple(v.kind == nmx::kCol ? "col" : "run", v.out_row));
+  int64_t read = 0;
+  for (const auto& it : plan->items) read += (it.r1 - it.r0) * (it.c1 - it.c0);
+  pybind11::dict out;
+  out["entries"] = entries;
+  out["views"] = views;
+  out["elements_read"] = read;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neural_mechanics_ext compiled kernels (ops are registered in torch.ops.neural_mechanics_ext)";
   m.def("build_info", &build_info, "How the compiled extension was built");
+  m.def("plan_summary", &plan_summary, "Test only: the entries, views and elements read of a call's plan",
+        pybind11::arg("numels"), pybind11::arg("views"));
 #ifdef NMX_WITH_CUDA_EMULATION
   m.def("slice_moments_cuda_emulated", &slice_moments_cuda_emulated,
         "Test only: slice_moments' CUDA kernels on the host SIMT emulation (CPU tensors, flat views)",

@@ -1,6 +1,7 @@
 // The op's schema and the argument checks every backend shares (the backends register their kernels in
 // their own files: cpu/slice_moments_cpu.cpp, cuda/slice_moments_cuda.cu).
 #include "ops.h"
+#include "plan.h"
 
 #include <torch/library.h>
 
@@ -34,6 +35,30 @@ at::Tensor companion(const OptionalTensorList& ts, size_t i, const at::Tensor& x
   return *t;
 }
 
+// A view (A, K, B, offset, a_stride) must address elements of the tensor only, each slice's elements once.
+void check_view(at::IntArrayRef f, int64_t numel, int64_t t, const char* op) {
+  const int64_t A = f[0], K = f[1], B = f[2], offset = f[3], a_stride = f[4];
+  const auto name = [&] {
+    return c10::str("view (A, K, B, offset, a_stride) = (", A, ", ", K, ", ", B, ", ", offset, ", ", a_stride,
+                    ") of xs[", t, "]");
+  };
+  TORCH_CHECK_VALUE(A >= 0 && K >= 0 && B >= 0, op, ": ", name(), " has a negative size");
+  TORCH_CHECK_VALUE(offset >= 0 && a_stride >= 0, op, ": ", name(), " has a negative offset or a_stride");
+  int64_t kb = 0, ak = 0, akb = 0;
+  bool overflow = __builtin_mul_overflow(K, B, &kb) || __builtin_mul_overflow(A, K, &ak) ||
+                  __builtin_mul_overflow(ak, B, &akb);
+  TORCH_CHECK_VALUE(!overflow, op, ": ", name(), " is too large");
+  TORCH_CHECK_VALUE(A <= 1 || a_stride >= kb, op, ": ", name(), " has a_stride < K*B = ", kb,
+                    ", so its rows a overlap");
+  // One past the last element: offset + (A-1)*a_stride + K*B (just offset for an empty view).
+  int64_t end = offset, step = 0;
+  if (akb > 0)
+    overflow = __builtin_mul_overflow(A - 1, a_stride, &step) || __builtin_add_overflow(end, step, &end) ||
+               __builtin_add_overflow(end, kb, &end);
+  TORCH_CHECK_VALUE(!overflow && end <= numel, op, ": ", name(), " runs past the end of the tensor (",
+                    numel, " elements)");
+}
+
 }  // namespace
 
 Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const OptionalTensorList& zs,
@@ -43,7 +68,7 @@ Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const Optiona
                     " entries but xs has ", xs.size());
   TORCH_CHECK_VALUE(zs.size() == 0 || zs.size() == xs.size(), op, ": zs has ", zs.size(),
                     " entries but xs has ", xs.size());
-  TORCH_CHECK_VALUE(views.size() % 4 == 0, op, ": views must be (tensor, A, K, B) quadruples");
+  TORCH_CHECK_VALUE(views.size() % kViewFields == 0, op, ": views must be (tensor, A, K, B, offset, a_stride) 6-tuples");
   Call call;
   const at::Device device = xs[0].device();
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -69,19 +94,14 @@ Call prepare_call(at::TensorList xs, const OptionalTensorList& ys, const Optiona
     call.numels.push_back(x.numel());
   }
   int64_t last = 0;
-  for (size_t q = 0; q < views.size(); q += 4) {
-    const int64_t t = views[q], A = views[q + 1], K = views[q + 2], B = views[q + 3];
-    TORCH_CHECK_INDEX(t >= 0 && t < static_cast<int64_t>(xs.size()), op, ": view ", q / 4,
+  for (size_t q = 0; q < views.size(); q += kViewFields) {
+    const int64_t t = views[q];
+    TORCH_CHECK_INDEX(t >= 0 && t < static_cast<int64_t>(xs.size()), op, ": view ", q / kViewFields,
                       " names tensor ", t, " of ", xs.size());
     TORCH_CHECK_VALUE(t >= last, op, ": views must be ordered by tensor index");
-    TORCH_CHECK_VALUE(A >= 0 && K >= 0 && B >= 0, op, ": view (", A, ", ", K, ", ", B, ") of xs[", t,
-                      "] has a negative size");
-    int64_t ak = 0, akb = 0;
-    const bool overflow = __builtin_mul_overflow(A, K, &ak) || __builtin_mul_overflow(ak, B, &akb);
-    TORCH_CHECK_VALUE(!overflow && akb == call.numels[t], op, ": view (", A, ", ", K, ", ", B,
-                      ") does not cover the ", call.numels[t], " elements of xs[", t, "]");
+    check_view(views.slice(q + 1, kViewFields - 1), call.numels[t], t, op);
     last = t;
-    call.num_rows += K;
+    call.num_rows += views[q + 2];
   }
   call.views.assign(views.begin(), views.end());
   return call;

@@ -18,7 +18,7 @@ using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 struct Call {
   std::vector<at::Tensor> keep;          // inputs (contiguous copies where needed), kept alive
   std::vector<int64_t> numels;           // per tensor of xs
-  std::vector<int64_t> views;            // flat (tensor, A, K, B) quadruples
+  std::vector<int64_t> views;            // flat (tensor, A, K, B, offset, a_stride) 6-tuples (plan.h)
   std::vector<TensorPtrs> tensors;       // data pointers and dtype codes per tensor of xs
   int64_t num_rows = 0;                  // output rows: sum of K
 };

@@ -1,28 +1,30 @@
 """Moments of sharded parameters (FSDP2, ``torch.distributed.fsdp.fully_shard``).
 
 FSDP2 keeps each parameter as a DTensor sharded on dim 0: rank r holds rows [o_r, o_r + n_r) of the
-global tensor, i.e. one contiguous range [e0, e1) of its flattened elements.  A view (A, K, B) of the
-global tensor splits that range into at most seven pieces, each of them a view of a contiguous part of
-the local shard with a known first global slice:
-    a partial slice, whole slices, a partial slice   (up to the first period boundary, period K*B)
-    whole periods                                     (a view (n, K, B) of the local data)
-    a partial slice, whole slices, a partial slice   (after the last period boundary).
-One ``slice_moments`` call over all pieces of all tensors gives every rank its partial moments in the
-global row layout of the MomentPlan; one asynchronous all_reduce of that small [slices, 9] tensor makes
-them equal to a single-process computation.  Replicated tensors are counted on the first rank of the
-mesh only.  DDP needs none of this: its parameters and all-reduced gradients are whole on every rank.
+global tensor, i.e. one contiguous range [e0, e1) of its flattened elements.  A view
+(A, K, B, offset, a_stride) of the global tensor (views.py) puts its K*B elements of each a in one run
+[offset + a*a_stride, ... + K*B); the runs inside [e0, e1) form one view of the local shard, and the at
+most two runs cut by e0 or e1 split into at most three pieces each:
+    a partial slice, whole slices, a partial slice.
+Every piece is a view of the local shard (offset counted from e0) with a known first global slice, so one
+``slice_moments`` call reads each local shard once, with all its pieces, and gives every rank its partial
+moments in the global row layout of the MomentPlan; one asynchronous all_reduce of that small [slices, 9]
+tensor makes them equal to a single-process computation.  Replicated tensors are counted on the first
+rank of the mesh only.  DDP needs none of this: its parameters and all-reduced gradients are whole on
+every rank.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .ops import slice_moments
 from .plan import MomentPlan
+from .views import Full
 
-Piece = Tuple[int, int, Tuple[int, int, int], int]  # (start, length, view, first slice)
+Piece = Tuple[Full, int]  # (view of the local range, first global slice)
 
 
 def is_dtensor(t) -> bool:
@@ -33,35 +35,37 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def view_pieces(e0: int, e1: int, K: int, B: int) -> List[Piece]:
-    """Cut the flat range [e0, e1) of a tensor viewed as (A, K, B) into views with known first slices."""
+def view_pieces(e0: int, e1: int, view: Full) -> List[Piece]:
+    """The elements of ``view`` (of a global flat tensor) inside [e0, e1), as views of that range (flat
+    index e0 is offset 0) with the global slice of their slice 0."""
+    A, K, B, offset, a_stride = view
     P = K * B
     pieces: List[Piece] = []
+    if A * P == 0 or e0 >= e1:
+        return pieces
 
-    def within_period(s: int, t: int):
-        # [s, t) lies inside one period: partial slice, whole slices, partial slice.
-        if s % B:
-            end = min(t, s - s % B + B)
-            pieces.append((s, end - s, (1, 1, end - s), (s % P) // B))
+    def partial_run(run: int, s: int, t: int):
+        # [s, t) lies inside the run starting at `run`: partial slice, whole slices, partial slice.
+        if (s - run) % B:
+            end = min(t, s - (s - run) % B + B)
+            pieces.append(((1, 1, end - s, s - e0, end - s), (s - run) // B))
             s = end
         whole = (t - s) // B
         if whole:
-            pieces.append((s, whole * B, (1, whole, B), (s % P) // B))
+            pieces.append(((1, whole, B, s - e0, whole * B), (s - run) // B))
             s += whole * B
         if s < t:
-            pieces.append((s, t - s, (1, 1, t - s), (s % P) // B))
+            pieces.append(((1, 1, t - s, s - e0, t - s), (s - run) // B))
 
-    pos = e0
-    if pos % P and pos < e1:
-        head_end = min(e1, pos - pos % P + P)
-        within_period(pos, head_end)
-        pos = head_end
-    periods = (e1 - pos) // P
-    if periods:
-        pieces.append((pos, periods * P, (periods, K, B), 0))
-        pos += periods * P
-    if pos < e1:
-        within_period(pos, e1)
+    # Runs that meet [e0, e1): a in [lo, hi]; those inside it: a in [w_lo, w_hi] (ceil and floor).
+    lo, hi = max(0, -((offset + P - e0 - 1) // a_stride)), min(A - 1, (e1 - 1 - offset) // a_stride)
+    w_lo, w_hi = max(lo, -((offset - e0) // a_stride)), min(hi, (e1 - P - offset) // a_stride)
+    if w_lo <= w_hi:
+        pieces.append(((w_hi - w_lo + 1, K, B, offset + w_lo * a_stride - e0, a_stride), 0))
+    for a in sorted({lo, hi}):
+        if lo <= a <= hi and not w_lo <= a <= w_hi:
+            run = offset + a * a_stride
+            partial_run(run, max(run, e0), min(run + P, e1))
     return pieces
 
 
@@ -84,7 +88,8 @@ class ShardedMoments:
                              "tensor parallel or 2-D meshes are not")
         self.group = mesh.get_group()
         self.first_rank = dist.get_rank(self.group) == 0
-        self.entries: List[Tuple[int, int, int, List[Tuple[Tuple[int, int, int], int]]]] = []
+        # Per tensor with local elements: (tensor, pieces); the local shard is read once, with all pieces.
+        self.entries: List[Tuple[int, List[Piece]]] = []
         for t, (p, views) in enumerate(zip(plan.params, plan.views)):
             rest = math.prod(p.shape[1:])
             if is_dtensor(p):
@@ -100,16 +105,13 @@ class ShardedMoments:
                                      "only Shard(0) (FSDP2) and Replicate are supported")
             else:
                 e0, numel = 0, (p.numel() if self.first_rank else 0)
-            # Pieces of one tensor that cover the same range are read once, with all their views.
-            by_range: Dict[Tuple[int, int], List[Tuple[Tuple[int, int, int], int]]] = {}
-            row = plan.first_row[t]
-            for (a, k, b) in views:
-                for start, length, view, k0 in view_pieces(e0, e0 + numel, k, b):
-                    by_range.setdefault((start - e0, length), []).append((view, row + k0))
-                row += k
-            for (start, length), vs in by_range.items():
-                self.entries.append((t, start, length, vs))
-        targets = [first + i for _, _, _, vs in self.entries for view, first in vs for i in range(view[1])]
+            pieces, row = [], plan.first_row[t]
+            for view in views:
+                pieces += [(v, row + k0) for v, k0 in view_pieces(e0, e0 + numel, view)]
+                row += view[1]
+            if pieces:
+                self.entries.append((t, pieces))
+        targets = [first + i for _, pieces in self.entries for view, first in pieces for i in range(view[1])]
         self._targets = torch.tensor(targets, dtype=torch.long)
         # Rows of one call may land on the same global row (the pieces of a slice): add them in layers
         # of distinct targets, which keeps the sum deterministic.
@@ -133,11 +135,11 @@ class ShardedMoments:
         gs = [self._local(g) for g in grads]
         vs = [self._local(v) for v in buffers]
         xs, ys, zs, views = [], [], [], []
-        for t, start, length, vlist in self.entries:
-            xs.append(thetas[t].narrow(0, start, length))
-            ys.append(None if gs[t] is None else gs[t].narrow(0, start, length))
-            zs.append(None if vs[t] is None else vs[t].narrow(0, start, length))
-            views.append([v for v, _ in vlist])
+        for t, pieces in self.entries:
+            xs.append(thetas[t])
+            ys.append(gs[t])
+            zs.append(vs[t])
+            views.append([v for v, _ in pieces])
         device = thetas[0].device
         out = torch.zeros((self.plan.num_slices, 9), dtype=torch.float64, device=device)
         if xs:

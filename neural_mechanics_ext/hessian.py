@@ -127,6 +127,7 @@ from .symmetry.family import SymmetryFamily
 from .symmetry.eps_limit import NormaliserWatch
 from .symmetry.prove import plan_moments, validate_families
 from .symmetry.residual import family_residuals
+from .views import strided
 
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 METHOD = "double-backward"
@@ -468,9 +469,9 @@ def _coefficients(plan: MomentPlan, named: Dict[str, torch.Tensor], coeff: torch
     cs = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in plan.params]
     for fi, f in enumerate(plan.families):
         w = coeff[plan.offsets[fi]:plan.offsets[fi] + f.num_groups]
-        for name, (a, k, b), s in f.members:
-            c = cs[index[id(named[name])]]
-            c.view(a, k, b).add_((s * w).to(device=c.device, dtype=c.dtype).view(1, k, 1))
+        for p, view, s in f.resolve(named):
+            c = cs[index[id(p)]]
+            strided(c.view(-1), view).add_((s * w).to(device=c.device, dtype=c.dtype).view(1, view[1], 1))
     return cs
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from . import _backend
-
-View = Tuple[int, int, int]
+from .views import View, full
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -25,11 +24,15 @@ def slice_moments(
 
     Args:
         xs: tensors (float32, float64, float16 or bfloat16), all on one device.
-        views: ``views[i]`` is a sequence of ``(A, K, B)`` with ``A*K*B == xs[i].numel()``.  The view
+        views: ``views[i]`` is a sequence of views of ``xs[i]``, each ``(A, K, B)`` with
+            ``A*K*B == xs[i].numel()``, or ``(A, K, B, offset, a_stride)`` for part of the tensor.  A view
             splits ``xs[i].flatten()`` into ``K`` slices; slice ``k`` holds the elements at flat index
-            ``a*K*B + k*B + b`` for ``a < A``, ``b < B``.  Rows of a Linear weight are ``(1, out, in)``,
-            its columns ``(out, in, 1)``, the input channels of a conv weight ``(out, in, kh*kw)``, the
-            whole tensor ``(1, 1, N)``.
+            ``offset + a*a_stride + k*B + b`` for ``a < A``, ``b < B`` (``(A, K, B)`` is
+            ``(A, K, B, 0, K*B)``; ``a_stride >= K*B`` when ``A > 1``).  Rows of a Linear weight are
+            ``(1, out, in)``, its columns ``(out, in, 1)``, the input channels of a conv weight
+            ``(out, in, kh*kw)``, the whole tensor ``(1, 1, N)``; columns ``E .. 2E-1`` of a fused ``[E, 3E]``
+            weight ``(E, E, 1, E, 3E)``, rows ``E .. 2E-1`` of a ``[3E, E]`` one ``(1, E, E, E*E, E*E)``.  Views may
+            overlap; each tensor is still read once when its views fit one layout (csrc/plan.h).
         ys, zs: ``None`` (absent), or one entry per ``xs`` entry: a tensor of the same shape as
             ``xs[i]`` (any supported dtype) or ``None``.  Absent tensors count as zeros.
 
@@ -67,21 +70,12 @@ def _check_inputs(xs, views, ys, zs, op="slice_moments", names=("xs", "ys", "zs"
     _check_devices_and_dtypes(op, {nx: xs, ny: ys, nz: zs})
     table = []
     for i, (x, vs) in enumerate(zip(xs, views)):
-        if isinstance(vs, tuple) and len(vs) == 3 and all(isinstance(v, int) for v in vs):
+        if isinstance(vs, tuple) and len(vs) in (3, 5) and all(isinstance(v, int) for v in vs):
             raise ValueError(
-                f"{op}: views[{i}] must be a sequence of (A, K, B) triples; "
-                f"wrap a single view as [{vs}]")
+                f"{op}: views[{i}] must be a sequence of views (A, K, B) or "
+                f"(A, K, B, offset, a_stride); wrap a single view as [{vs}]")
         for j, v in enumerate(vs):
-            if len(v) != 3:
-                raise ValueError(f"{op}: views[{i}][{j}] = {v!r} is not an (A, K, B) triple")
-            a, k, b = (int(s) for s in v)
-            if min(a, k, b) < 0:
-                raise ValueError(f"{op}: views[{i}][{j}] = {tuple(v)} has a negative size")
-            if a * k * b != x.numel():
-                raise ValueError(
-                    f"{op}: views[{i}][{j}] = {tuple(v)} covers {a * k * b} elements but "
-                    f"{nx}[{i}] has {x.numel()} (shape {tuple(x.shape)})")
-            table += [i, a, k, b]
+            table += [i, *full(v, x.numel(), f"{op}: views[{i}][{j}]", f"{nx}[{i}]")]
     xs = [x.detach() for x in xs]
     return xs, ys, zs, table
 
@@ -277,7 +271,7 @@ def _describe_len(obj):
 
 @torch.library.register_fake("neural_mechanics_ext::slice_moments")
 def _slice_moments_fake(xs, ys, zs, views):
-    rows = sum(views[v + 2] for v in range(0, len(views), 4))
+    rows = sum(views[v + 2] for v in range(0, len(views), 6))  # (tensor, A, K, B, offset, a_stride)
     device = xs[0].device if len(xs) else torch.device("cpu")
     return torch.empty((rows, 9), dtype=torch.float64, device=device)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from .views import Full
 
 if TYPE_CHECKING:  # symmetry/ imports this module (to prove families): no import at run time
     from .symmetry.family import SymmetryFamily
@@ -24,7 +25,8 @@ class MomentPlan:
     Attributes:
         names: parameter names, one per distinct tensor read (the first name a shared tensor has).
         params: the parameters, in the same order.
-        views: per parameter, the distinct ``(A, K, B)`` views that the families need.
+        views: per parameter, the distinct views that the families need, as ``(A, K, B, offset, a_stride)``
+            (views.py; several may address parts of one parameter).
         offsets: ``offsets[f]`` is the first row of family ``f`` in the concatenated group tensors;
             family ``f`` owns rows ``offsets[f] : offsets[f] + families[f].num_groups``.
         counts: float64 ``[groups]``, number of parameter elements in each group.
@@ -36,11 +38,11 @@ class MomentPlan:
         self.families = list(families)
         self.names: List[str] = []
         self.params: List[torch.Tensor] = []
-        self.views: List[List[Tuple[int, int, int]]] = []
+        self.views: List[List[Full]] = []
         index_of_tensor: Dict[int, int] = {}
-        row_of: Dict[Tuple[int, Tuple[int, int, int]], int] = {}
+        row_of: Dict[Tuple[int, Full], int] = {}
 
-        def slot(name: str, p: torch.Tensor, view: Tuple[int, int, int]) -> int:
+        def slot(name: str, p: torch.Tensor, view: Full) -> int:
             t = index_of_tensor.setdefault(id(p), len(self.params))
             if t == len(self.params):
                 self.names.append(name)
@@ -126,9 +128,10 @@ class MomentPlan:
 
 
 class _ViewTables:
-    """The op's flat (tensor, A, K, B) table for a contiguous range of the plan's tensors, cached."""
+    """The op's flat (tensor, A, K, B, offset, a_stride) table for a contiguous range of the plan's tensors,
+    cached."""
 
-    def __init__(self, views: List[List[Tuple[int, int, int]]]):
+    def __init__(self, views: List[List[Full]]):
         self.views = views
         self.cache: Dict[Tuple[int, int], List[int]] = {}
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .views import strided
 
 def slice_moments_reference(
     xs: Sequence[torch.Tensor],
@@ -19,20 +20,20 @@ def slice_moments_reference(
 ) -> torch.Tensor:
     """Per-slice moments, computed the obvious way.
 
-    ``view_table`` is the flat form used by the op: quadruples ``(tensor_index, A, K, B)`` ordered by
-    tensor index.  ``ys``/``zs`` are empty (absent) or hold one tensor or ``None`` per ``xs`` entry;
+    ``view_table`` is the flat form used by the op: 6-tuples ``(tensor_index, A, K, B, offset, a_stride)``
+    ordered by tensor index (slice k of a view: flat elements ``offset + a*a_stride + k*B + b``).  ``ys``/``zs`` are empty (absent) or hold one tensor or ``None`` per ``xs`` entry;
     whatever is absent counts as zeros, and a moment with an absent factor is exactly 0
     (not NaN where x is NaN).  Inputs are assumed valid (see ``ops._check_inputs``).
     """
     device = xs[0].device if len(xs) else torch.device("cpu")
     rows, flat, flat_of = [], None, None
-    for v in range(0, len(view_table), 4):
-        i, a, k, b = view_table[v : v + 4]
+    for v in range(0, len(view_table), 6):
+        i, a, k, b, offset, a_stride = view_table[v : v + 6]
         if flat_of != i:  # upcast each tensor once, whatever the number of its views
             flat_of = i
             flat = [None if t is None else t.detach().reshape(-1).to(torch.float64)
                     for t in (xs[i], _entry(ys, i), _entry(zs, i))]
-        x, y, z = (None if t is None else t.view(a, k, b) for t in flat)
+        x, y, z = (None if t is None else strided(t, (a, k, b, offset, a_stride)) for t in flat)
         zero = torch.zeros(a, k, b, dtype=torch.float64, device=device)
         # A moment with an absent factor is exactly 0, also where x is NaN or Inf (not NaN * 0).
         def prod(p, q):

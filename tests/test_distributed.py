@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 import neural_mechanics_ext as nmx
 from neural_mechanics_ext.distributed import view_pieces
 from neural_mechanics_ext.reference import slice_moments_reference
+from neural_mechanics_ext.views import full
 
 WORLD = 2
 STEPS = 12
@@ -25,6 +26,9 @@ FAMILIES = [
     nmx.SymmetryFamily("translation", "4 (columns)", [("4.weight", (3, 5, 1), 1)]),
     nmx.SymmetryFamily("translation", "4 (bias)", [("4.bias", (1, 1, 3), 1)]),
     nmx.SymmetryFamily("scale", "whole 2 (for the test)", [("2.weight", (1, 1, 35), 1)]),
+    # Parts of 2.weight [5, 7] that the row shards (rows 0-2 | 3-4) cut: columns 2-4, rows 2-3.
+    nmx.SymmetryFamily("scale", "2 columns 2-4 (for the test)", [("2.weight", (5, 3, 1, 2, 7), 1)]),
+    nmx.SymmetryFamily("scale", "2 rows 2-3 (for the test)", [("2.weight", (1, 2, 7, 14, 14), 1)]),
 ]
 
 
@@ -102,26 +106,27 @@ def test_distributed_history_equals_single_process(mode, tmp_path):
     assert not (tmp_path / "run-rank1").exists()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_view_pieces_cover_a_shard_exactly(data):
-    a, k, b = (data.draw(st.integers(1, 5)) for _ in range(3))
-    n = a * k * b
-    e0 = data.draw(st.integers(0, n))
-    e1 = data.draw(st.integers(e0, n))
+    # FSDP2 holds a contiguous range [e0, e1) of the flat tensor: the pieces of a view inside it, as views
+    # of that range, sum to the view's moments restricted to the range (whole and partial views alike).
+    draw = data.draw
+    a, k, b = (draw(st.integers(0, 4)) for _ in range(3))
+    a_stride = k * b + draw(st.integers(0, 3))
+    extent = (a - 1) * a_stride + k * b if a * k * b else 0
+    n = max(1, extent) + draw(st.integers(0, 6))
+    view = full((a, k, b, draw(st.integers(0, n - extent)), a_stride), n)
+    e0 = draw(st.integers(0, n))
+    e1 = draw(st.integers(e0, n))
     x = torch.randn(n, dtype=torch.float64)
-    pieces = view_pieces(e0, e1, k, b)
-    assert sum(length for _, length, _, _ in pieces) == e1 - e0
     got = torch.zeros(k, 9, dtype=torch.float64)
-    pos = e0
-    for start, length, view, first in pieces:
-        assert start == pos
-        pos += length
-        part = slice_moments_reference([x[start:start + length]], [], [], [0, *view])
-        got[first:first + view[1]] += part
+    for piece, first in view_pieces(e0, e1, view):
+        part = slice_moments_reference([x[e0:e1]], [], [], [0, *full(piece, e1 - e0)])
+        got[first:first + piece[1]] += part
     masked = torch.zeros_like(x)
     masked[e0:e1] = x[e0:e1]
-    want = slice_moments_reference([masked], [], [], [0, a, k, b])
+    want = slice_moments_reference([masked], [], [], [0, *view])
     assert torch.allclose(got, want, atol=1e-12)
 
 

@@ -15,6 +15,7 @@ import neural_mechanics_ext as nmx
 from neural_mechanics_ext import _backend
 from neural_mechanics_ext.ops import _check_inputs
 from neural_mechanics_ext.reference import slice_moments_reference
+from neural_mechanics_ext.views import full
 
 from conftest import CPU, DTYPES, EMULATED, needs_emulation
 from samples import LAYOUTS, sample_inputs
@@ -86,6 +87,63 @@ def _factor_views(numel, draw):
         k = draw(st.sampled_from([d for d in divisors if rest % d == 0]))
         views.append((a, k, rest // k))
     return views
+
+
+def _partial_views(numel, draw):
+    """Random views of part of a tensor: blocks of rows or columns of a random [R, L] reading of it (what
+    fused weights need), and arbitrary (A, K, B, offset, a_stride) that fit, empty ones included."""
+    divisors = [d for d in range(1, numel + 1) if numel % d == 0]
+    views = []
+    for _ in range(draw(st.integers(1, 3))):
+        L = draw(st.sampled_from(divisors))
+        R = numel // L
+        shape = draw(st.sampled_from(["columns", "rows", "any"]))
+        if shape == "columns":  # rows [r0, r0 + A), columns [c0, c0 + K*B)
+            c0 = draw(st.integers(0, L - 1))
+            k = draw(st.integers(1, L - c0))
+            b = draw(st.integers(1, (L - c0) // k))
+            r0 = draw(st.integers(0, R - 1))
+            views.append((draw(st.integers(0, R - r0)), k, b, r0 * L + c0, L))
+        elif shape == "rows":  # K*B = a whole number of rows, a_stride a whole number of rows
+            rows = [d for d in divisors if d <= R]
+            p = draw(st.sampled_from(rows))        # rows per slice
+            k = draw(st.integers(1, max(1, R // p)))
+            stride = draw(st.integers(k * p, max(k * p, R)))
+            a_max = 1 + (R - k * p) // stride if k * p <= R else 0
+            a = draw(st.integers(0, a_max))
+            r0 = draw(st.integers(0, R - ((a - 1) * stride + k * p) if a else R))
+            views.append((a, k, p * L, r0 * L, stride * L))
+        else:
+            k = draw(st.integers(0, 5))
+            b = draw(st.integers(0, max(0, numel // max(k, 1))))
+            a_stride = k * b + draw(st.integers(0, 4))
+            extent = lambda a: 0 if a * k * b == 0 else (a - 1) * a_stride + k * b
+            a_max = 4
+            while a_max > 0 and extent(a_max) > numel:
+                a_max -= 1
+            a = draw(st.integers(0, a_max))
+            views.append((a, k, b, draw(st.integers(0, numel - extent(a))), a_stride))
+    return views
+
+
+@pytest.mark.parametrize("impl", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_partial_views_against_reference(impl, data):
+    draw = data.draw
+    xs, views, ys, zs = [], [], [], []
+    for _ in range(draw(st.integers(1, 3))):
+        shape = tuple(draw(st.lists(st.integers(1, 12), min_size=1, max_size=3)))
+        numel = 1
+        for s in shape:
+            numel *= s
+        dx, dy = (draw(st.sampled_from(DTYPES)) for _ in range(2))
+        xs.append(torch.randn(shape).to(dx))
+        ys.append(torch.randn(shape).to(dy) if draw(st.booleans()) else None)
+        zs.append(torch.randn(shape).to(dx) if draw(st.booleans()) else None)
+        mixed = _partial_views(numel, draw) + (_factor_views(numel, draw) if draw(st.booleans()) else [])
+        views.append(draw(st.permutations(mixed)))
+    assert_close_to_reference(xs, views, ys, zs, op=impl.slice_moments)
 
 
 @pytest.mark.parametrize("impl", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
@@ -184,6 +242,33 @@ def test_inputs_requiring_grad_are_fine():
     assert not out.requires_grad
 
 
+# ---- the plan: one read of each tensor, also with views of parts of it ---------------------------------
+def _plan(numels, views):
+    """csrc/plan.h's plan of a call: entries (tensor, R, L), views (kind, first row), elements read."""
+    return _backend._C.plan_summary(numels, [x for t, vs in enumerate(views) for v in vs for x in (t, *full(v))])
+
+
+@pytest.mark.skipif(not _backend.compiled, reason="the plan is the compiled op's")
+def test_partial_views_keep_one_read_per_tensor():
+    E = 64
+    # GPT-2 c_attn [E, 3E]: rows, the Q, K, V column blocks and the whole tensor share the layout [E, 3E].
+    plan = _plan([3 * E * E], [[(1, E, 3 * E), (E, E, 1, 0, 3 * E), (E, E, 1, E, 3 * E), (E, E, 1, 2 * E, 3 * E),
+                                (1, 1, 3 * E * E)]])
+    assert plan["entries"] == [(0, E, 3 * E)] and plan["elements_read"] == 3 * E * E
+    assert [k for k, _ in plan["views"]] == ["run", "run", "col", "col", "col"]
+    # in_proj_weight [3E, E], Q and K rows: one entry, and the V rows, which no view needs, are not read.
+    plan = _plan([3 * E * E], [[(1, E, E, 0, E * E), (1, E, E, E * E, E * E)]])
+    assert plan["entries"] == [(0, 3 * E, E)] and plan["elements_read"] == 2 * E * E
+    # Llama o_proj [E, 4 heads * 16]: the columns of every head and the rows, one read.
+    plan = _plan([E * E], [[(E, 16, 1, 16 * h, E) for h in range(4)] + [(1, E, E)]])
+    assert plan["entries"] == [(0, E, E)] and plan["elements_read"] == E * E
+    # RoPE pairs of q_proj [4 heads * 16, E] for 2 kv heads: RUN views with gaps, one read.
+    plan = _plan([E * E], [[(4, 8, E, g * 2 * 16 * E, 8 * E) for g in range(2)] + [(1, E, E)]])
+    assert plan["entries"] == [(0, E, E)] and [k for k, _ in plan["views"]] == ["run"] * 3
+    # Views with no layout in common still need two reads: (2, 2, 3) and (3, 2, 2) of 12 elements.
+    assert len(_plan([12], [[(2, 2, 3), (3, 2, 2)]])["entries"]) == 2
+
+
 # ---- bad input: a clear Python exception naming the problem -------------------------------------------
 BAD = [
     (lambda x: nmx.slice_moments(x, [[(1, 4, 5)]]), TypeError, "list or tuple of tensors"),
@@ -191,7 +276,16 @@ BAD = [
     (lambda x: nmx.slice_moments([x], [(1, 4, 5)]), ValueError, "wrap a single view"),
     (lambda x: nmx.slice_moments([x], [[(1, 4, 6)]]), ValueError, "covers 24 elements but xs\\[0\\] has 20"),
     (lambda x: nmx.slice_moments([x], [[(-1, -4, 5)]]), ValueError, "negative size"),
-    (lambda x: nmx.slice_moments([x], [[(1, 4)]]), ValueError, "not an \\(A, K, B\\) triple"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4)]]), ValueError, "is not \\(A, K, B\\) or \\(A, K, B, offset, a_stride\\)"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 1.5)]]), ValueError, "of integers"),
+    (lambda x: nmx.slice_moments([x], [(2, 2, 5, 0, 10)]), ValueError, "wrap a single view"),
+    (lambda x: nmx.slice_moments([x], [[(1, 4, 5), (2, 2, 1, -1, 5)]]), ValueError,
+     "views\\[0\\]\\[1\\] = \\(2, 2, 1, -1, 5\\) has a negative offset"),
+    (lambda x: nmx.slice_moments([x], [[(2, 2, 1, 0, -5)]]), ValueError, "negative offset or a_stride"),
+    (lambda x: nmx.slice_moments([x], [[(2, 2, 3, 0, 5)]]), ValueError, "a_stride 5 < K\\*B = 6"),
+    (lambda x: nmx.slice_moments([x], [[(2, 2, 5, 12, 10)]]), ValueError,
+     "views\\[0\\]\\[0\\] = \\(2, 2, 5, 12, 10\\) runs past the end of xs\\[0\\]: it reaches flat index 31"),
+    (lambda x: nmx.slice_moments([x], [[(0, 2, 5, 21, 10)]]), ValueError, "runs past the end"),
     (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], ys=[x, x]), ValueError, "ys must be None or a list with one entry"),
     (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], ys=[x.t()]), ValueError, "ys\\[0\\] has shape \\(5, 4\\)"),
     (lambda x: nmx.slice_moments([x], [[(1, 4, 5)]], zs=[3.0]), TypeError, "zs\\[0\\] is a float"),
@@ -210,10 +304,25 @@ def test_bad_input(call, exc, match):
 def test_direct_op_call_is_checked_too():
     op = torch.ops.neural_mechanics_ext.slice_moments
     x = torch.randn(4, 5)
-    with pytest.raises((ValueError, RuntimeError)):
-        op([x], [], [], [0, 1, 4, 6])
-    with pytest.raises((IndexError, RuntimeError)):
-        op([x], [], [], [1, 1, 4, 5])
+    with pytest.raises(ValueError, match="6-tuples"):
+        op([x], [], [], [0, 1, 4, 5])
+    with pytest.raises(IndexError, match="view 0 names tensor 1 of 1"):
+        op([x], [], [], [1, 1, 4, 5, 0, 20])
+    # The op's table is (tensor, A, K, B, offset, a_stride); every error names the view.
+    for view, match in [((-1, 4, 5, 0, 20), "has a negative size"),
+                        ((2, 2, 1, -1, 5), "has a negative offset or a_stride"),
+                        ((2, 2, 1, 0, -5), "has a negative offset or a_stride"),
+                        ((2, 2, 3, 0, 5), "a_stride < K\\*B = 6, so its rows a overlap"),
+                        ((2, 2, 5, 12, 10), "runs past the end of the tensor \\(20 elements\\)"),
+                        ((1, 4, 5, 1, 20), "runs past the end"),
+                        ((0, 4, 5, 21, 20), "runs past the end"),
+                        ((1 << 40, 1 << 40, 1, 0, 1 << 40), "too large"),
+                        ((3, 1, 1, 0, 1 << 62), "runs past the end")]:
+        text = ", ".join(str(v) for v in view)
+        with pytest.raises(ValueError, match=f"view \\(A, K, B, offset, a_stride\\) = \\({text}\\) of xs\\[0\\].*{match}"):
+            op([x], [], [], [0, *view])
+    # A prefix (A, K, B, 0, K*B) of a tensor is valid for the op (the wrapper's (A, K, B) must cover it).
+    assert torch.allclose(op([x], [], [], [0, 1, 2, 5, 0, 10])[:, 0], x.flatten()[:10].double().view(2, 5).sum(1))
 
 
 # ---- registration, torch.compile, the fallback path ---------------------------------------------------

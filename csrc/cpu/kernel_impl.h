@@ -345,12 +345,13 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
   static thread_local std::vector<double> scratch;  // room for a double per value; holds any T
 
   const EntryRec& e = plan.entries[it.entry];
+  const bool has_col = it.has_col != 0, has_run = it.has_run != 0;
   const int64_t L = e.L, width = it.c1 - it.c0, rows = it.r1 - it.r0;
-  const int64_t segment = e.has_col ? width : std::min(width, kSegment);
+  const int64_t segment = has_col ? width : std::min(width, kSegment);
   // 8 extra doubles so that the sums can start on a cache line: a 64-byte vector store that straddles
   // two lines costs two, and the column sums are stored once per row pair.
-  if (e.has_col) colsum.assign(kMoments * (width + kLanes) + 8, 0.0);
-  if (e.has_run) {
+  if (has_col) colsum.assign(kMoments * (width + kLanes) + 8, 0.0);
+  if (has_run) {
     Moments<double> z0;
     zero(z0);
     rowtot.assign(rows, z0);
@@ -365,7 +366,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
 
   // RUN-only items with long rows read one row at a time: three long sequential streams, which the
   // prefetchers follow (four rows at once interleave twelve).  Short rows are contiguous anyway.
-  const int group = e.has_col || L < 1024 ? kRowGroup : 1;
+  const int group = has_col || L < 1024 ? kRowGroup : 1;
   for (int64_t r = it.r0; r < it.r1; r += group) {
     const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
@@ -384,7 +385,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
         if (HY) yp[q] = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
         if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
       }
-      if (kFused && e.has_col && e.has_run) {
+      if (kFused && has_col && has_run) {
         // One pass for both kinds (single segment, column sums from c0), rows in pairs; the next pair
         // is prefetched.
         const int64_t ahead_pair = n <= kPrefetchMaxRow ? 2 * L : 0;
@@ -399,7 +400,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       }
       // Groups of rows prefetch the next group; long rows read alone are left to the hardware.
       const int64_t ahead = group > 1 && n <= kPrefetchMaxRow ? group * L : 0;
-      if (e.has_col) {
+      if (has_col) {
         // Items with COL views have a single segment, so the column sums start at column c0.
         if (nr == kRowGroup) {
           add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n, ahead);
@@ -407,35 +408,42 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
           for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
         }
       }
-      if (e.has_run)
-        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], e.has_col ? 0 : ahead);
+      if (has_run)
+        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], has_col ? 0 : ahead);
     }
   }
 
   // Fold into this item's slots, in a fixed order (the result does not depend on thread timing).
+  const int64_t* const views = plan.item_views.data();
   int64_t total = 0;
-  for (int64_t vi = e.view_begin; vi < e.view_end; ++vi)
-    total += slots_in_item(plan.views[vi], it.r0, it.r1, it.c0, it.c1);
+  for (int64_t q = it.view_begin; q < it.view_end; ++q)
+    total += slots_in_item(plan.views[views[q]], it.r0, it.r1, it.c0, it.c1);
   double* base = slots + it.slot_begin * kMoments;
   std::fill(base, base + total * kMoments, 0.0);
-  for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
-    const ViewRec& v = plan.views[vi];
+  for (int64_t q = it.view_begin; q < it.view_end; ++q) {
+    const ViewRec& v = plan.views[views[q]];
+    int64_t k0 = 0;
+    const int64_t count = slots_in_item(v, it.r0, it.r1, it.c0, it.c1, &k0);
     if (v.kind == kRun) {
-      const int64_t k_start = (it.r0 / v.period) % v.K;
-      for (int64_t r = it.r0; r < it.r1; ++r) {
-        const int64_t idx = ((r / v.period) % v.K - k_start + v.K) % v.K;
+      // Rows of the view only: u % stride past K*period is a gap between two a's.
+      const int64_t span = v.K * v.period, ra = std::max(it.r0, v.row0), rb = std::min(it.r1, v.row1);
+      for (int64_t r = ra; r < rb; ++r) {
+        const int64_t j = (r - v.row0) % v.stride;
+        if (j >= span) continue;
+        const int64_t idx = (j / v.period - k0 + v.K) % v.K;
         for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += rt[r].m[m];
       }
     } else {
-      // Column c goes to slot c / B (counted from the item's first): stepped, not divided (a 64-bit
-      // division per column cost more than the sums when the slices are single elements).
-      int64_t idx = 0, b = it.c0 % v.B;
-      for (int64_t c = it.c0; c < it.c1; ++c) {
+      // Column c goes to slot (c - col0) / B - k0: stepped, not divided (a 64-bit division per column
+      // cost more than the sums when the slices are single elements).
+      const int64_t ca = std::max(it.c0, v.col0), cb = std::min(it.c1, v.col0 + v.K * v.B);
+      int64_t idx = 0, b = (ca - v.col0) % v.B;
+      for (int64_t c = ca; c < cb; ++c) {
         for (int m = 0; m < kMoments; ++m) base[idx * kMoments + m] += cs[colsum_index(c - it.c0, m)];
         if (++b == v.B) b = 0, ++idx;
       }
     }
-    base += slots_in_item(v, it.r0, it.r1, it.c0, it.c1) * kMoments;
+    base += count * kMoments;
   }
 }
 

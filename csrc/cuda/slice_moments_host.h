@@ -29,11 +29,11 @@ constexpr PlanConfig kGpuPlanConfig{/*col_width=*/kTile, /*run_width=*/65536, /*
                                     /*col_min_rows=*/256};
 static_assert(kTile == 1024, "PlanConfig.col_width must equal the kernel's tile");
 
-// A plan's tables in one int64 tensor: entries | views | items | col item ids | run item ids | row_ptr |
-// row_slots, with the offset of each part.
+// A plan's tables in one int64 tensor: entries | views | items | item views | col item ids | run item ids |
+// row_ptr | row_slots, with the offset of each part.
 struct TableBlob {
   at::Tensor blob;
-  int64_t entries = 0, views = 0, items = 0, col_ids = 0, run_ids = 0, row_ptr = 0, row_slots = 0;
+  int64_t entries = 0, views = 0, items = 0, item_views = 0, col_ids = 0, run_ids = 0, row_ptr = 0, row_slots = 0;
   int64_t num_col = 0, num_run = 0;
 };
 
@@ -48,10 +48,11 @@ TableBlob make_tables(const Plan& plan, const at::Device& device) {
   TableBlob t;
   std::vector<int64_t> blob, col_ids, run_ids;
   for (size_t i = 0; i < plan.items.size(); ++i)
-    (plan.entries[plan.items[i].entry].has_col ? col_ids : run_ids).push_back(static_cast<int64_t>(i));
+    (plan.items[i].has_col ? col_ids : run_ids).push_back(static_cast<int64_t>(i));
   t.entries = blob.size(), append(blob, plan.entries);
   t.views = blob.size(), append(blob, plan.views);
   t.items = blob.size(), append(blob, plan.items);
+  t.item_views = blob.size(), blob.insert(blob.end(), plan.item_views.begin(), plan.item_views.end());
   t.col_ids = blob.size(), blob.insert(blob.end(), col_ids.begin(), col_ids.end());
   t.run_ids = blob.size(), blob.insert(blob.end(), run_ids.begin(), run_ids.end());
   t.row_ptr = blob.size(), blob.insert(blob.end(), plan.row_ptr.begin(), plan.row_ptr.end());
@@ -99,7 +100,7 @@ at::Tensor run_slice_moments(Backend& backend, const Call& call) {
   const int64_t* blob = tables.blob.data_ptr<int64_t>();
   Tables tb{reinterpret_cast<const EntryRec*>(blob + tables.entries),
             reinterpret_cast<const ViewRec*>(blob + tables.views),
-            reinterpret_cast<const ItemRec*>(blob + tables.items), nullptr, 0, tensors.data_ptr<int64_t>(),
+            reinterpret_cast<const ItemRec*>(blob + tables.items), blob + tables.item_views, nullptr, 0, tensors.data_ptr<int64_t>(),
             slots.data_ptr<double>()};
   // A call is in one mode: every tensor of it, or none, is in a stream mode.
   const bool stream = call.tensors[0].mode != kStreamPlain;

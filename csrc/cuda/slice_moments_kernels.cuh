@@ -10,7 +10,7 @@
 // where alignment allows; all arithmetic is in double.  A second, tiny kernel sums every output row's
 // slots in the plan's order, so results are deterministic and the data is read exactly once.
 //
-// Items of tensors with COL views need 36 accumulators per lane; the others need none, so the two
+// Items that fold into COL views need 36 accumulators per lane; the others need none, so the two
 // kinds run as two launches of one templated kernel and the register-light one keeps more loads in
 // flight.
 #pragma once
@@ -43,6 +43,7 @@ struct Tables {
   const EntryRec* entries;
   const ViewRec* views;
   const ItemRec* items;
+  const int64_t* item_views;  // plan.item_views
   const int64_t* item_ids;  // the items this launch processes
   int64_t num_items;
   const int64_t* tensors;   // [T, kTensorFields], this call's pointers
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
   const int mode = STREAM ? int(tp[kModeField]) : kStreamPlain;
   const bool hy = py != nullptr || mode != kStreamPlain, hz = pz != nullptr || mode != kStreamPlain;
   const bool vec = tp[6] != 0 && e.L % 4 == 0;
-  const bool has_run = e.has_run != 0;
+  const bool has_run = it.has_run != 0;
 
   // Lane geometry: lanes_per_row (a power of two) lanes share a row, groups = rows per pass.
   const int64_t width = it.c1 - it.c0;
@@ -255,26 +256,28 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
     // Fold the buffered rows into the RUN slots.  Each slot is owned by one thread here.
     const int64_t rs = it.r0 + pass0 * groups, re = min(it.r1, it.r0 + pass_end * groups);
     int64_t voff = 0;
-    for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
-      const ViewRec v = tb.views[vi];
-      if (v.kind == kRun) {
-        const int64_t js = rs / v.period, je = (re - 1) / v.period;
-        const int64_t distinct = min(je - js + 1, v.K);
-        const int64_t k_start = (it.r0 / v.period) % v.K;
-        for (int64_t u = tid; u < distinct; u += kThreads) {
-          double acc[kMoments] = {};
-          for (int64_t j = js + u; j <= je; j += v.K) {
-            const int64_t ra = max(rs, j * v.period), rb = min(re, (j + 1) * v.period);
-            for (int64_t r = ra; r < rb; ++r)
-              for (int w = 0; w < warps_per_row; ++w)
-                for (int m = 0; m < kMoments; ++m) acc[m] += rowbuf[(r - rs) * warps_per_row + w][m];
-          }
-          const int64_t idx = ((js + u) % v.K - k_start + v.K) % v.K;
-          double* slot = tb.slots + (it.slot_begin + voff + idx) * kMoments;
-          for (int m = 0; m < kMoments; ++m) slot[m] += acc[m];
+    for (int64_t q = it.view_begin; q < it.view_end; ++q) {
+      const ViewRec v = tb.views[tb.item_views[q]];
+      int64_t k0 = 0;
+      const int64_t count = slots_in_item(v, it.r0, it.r1, it.c0, it.c1, &k0);
+      int64_t bs = 0, be = 0;
+      // The blocks (a, k) of the view among the buffered rows; thread u sums those of one slice.
+      const int64_t blocks = v.kind == kRun ? run_blocks(v, rs, re, bs, be) : 0;
+      const int64_t distinct = min(blocks, v.K);
+      for (int64_t u = tid; u < distinct; u += kThreads) {
+        double acc[kMoments] = {};
+        for (int64_t b = bs + u; b <= be; b += v.K) {
+          const int64_t start = v.row0 + (b / v.K) * v.stride + (b % v.K) * v.period;
+          const int64_t ra = max(rs, start), rb = min(re, start + v.period);
+          for (int64_t r = ra; r < rb; ++r)
+            for (int w = 0; w < warps_per_row; ++w)
+              for (int m = 0; m < kMoments; ++m) acc[m] += rowbuf[(r - rs) * warps_per_row + w][m];
         }
+        const int64_t idx = ((bs + u) % v.K - k0 + v.K) % v.K;
+        double* slot = tb.slots + (it.slot_begin + voff + idx) * kMoments;
+        for (int m = 0; m < kMoments; ++m) slot[m] += acc[m];
       }
-      voff += slots_in_item(v, it.r0, it.r1, it.c0, it.c1);
+      voff += count;
     }
     __syncthreads();
   }
@@ -297,13 +300,15 @@ __global__ void __launch_bounds__(kThreads) items_kernel(Tables tb) {
       }
       __syncthreads();
       int64_t voff = 0;
-      for (int64_t vi = e.view_begin; vi < e.view_end; ++vi) {
-        const ViewRec v = tb.views[vi];
-        const int64_t count = slots_in_item(v, it.r0, it.r1, it.c0, it.c1);
+      for (int64_t q = it.view_begin; q < it.view_end; ++q) {
+        const ViewRec v = tb.views[tb.item_views[q]];
+        int64_t k0 = 0;
+        const int64_t count = slots_in_item(v, it.r0, it.r1, it.c0, it.c1, &k0);
         if (v.kind == kCol) {
-          const int64_t k0 = it.c0 / v.B;
+          // Slice k0 + idx: the view's columns [col0 + kB, col0 + (k+1)B) within the item's.
+          const int64_t lo = max(it.c0, v.col0), hi = min(it.c1, v.col0 + v.K * v.B);
           for (int64_t idx = tid; idx < count; idx += kThreads) {
-            const int64_t ca = max(it.c0, (k0 + idx) * v.B), cb = min(it.c1, (k0 + idx + 1) * v.B);
+            const int64_t ca = max(lo, v.col0 + (k0 + idx) * v.B), cb = min(hi, v.col0 + (k0 + idx + 1) * v.B);
             double s = 0.0;
             for (int64_t c = ca; c < cb; ++c) s += colbuf[c - it.c0];
             tb.slots[(it.slot_begin + voff + idx) * kMoments + m] = s;

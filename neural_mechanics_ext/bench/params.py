@@ -33,11 +33,12 @@ class ParamSet:
         return sum(v[1] for vs in self.views for v in vs)
 
     def table(self) -> List[int]:
-        """The op's flat ``(tensor, A, K, B)`` table (what the reference takes)."""
+        """The op's flat ``(tensor, A, K, B, offset, a_stride)`` table (what the reference takes)."""
+        from ..views import full
         out = []
         for i, vs in enumerate(self.views):
             for v in vs:
-                out += [i, *v]
+                out += [i, *full(v)]
         return out
 
 

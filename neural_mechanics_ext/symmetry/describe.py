@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence, Union
 
+from ..views import format_view
 from .family import SymmetryFamily
 from .prove import Rejected
 
 
 def format_members(fam: SymmetryFamily) -> str:
-    """``a.weight(1,64,27)+a.bias(1,64,1) | -b.weight(64,64,9)``: A1 (or the group), then A2."""
+    """``a.weight(1,64,27)+a.bias(1,64,1) | -b.weight(64,64,9)``: A1 (or the group), then A2; part of a
+    tensor as ``c_attn.weight(64,64,1)@64/192`` (offset 64, a_stride 192)."""
     def one(name, view):
-        return f"{name}({','.join(str(s) for s in view)})"
+        return f"{name}{format_view(view)}"
 
     plus = "+".join(one(n, v) for n, v, s in fam.members if s > 0)
     minus = " ".join("-" + one(n, v) for n, v, s in fam.members if s < 0)

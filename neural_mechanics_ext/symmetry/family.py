@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ..schema import KINDS
+from ..views import View, full
 
-View = Tuple[int, int, int]
 Member = Tuple[str, View, int]
 
 
@@ -15,9 +15,10 @@ Member = Tuple[str, View, int]
 class SymmetryFamily:
     """K parameter groups of one symmetry kind, described by slices of named parameters.
 
-    ``members`` is a list of ``(param_name, (A, K, B), sign)``: the view ``(A, K, B)`` splits the
-    flattened parameter into K slices exactly as in :func:`neural_mechanics_ext.slice_moments`, and
-    group ``k`` is the union over members of slice ``k``.  ``sign`` is +1 for every member of a
+    ``members`` is a list of ``(param_name, view, sign)``: the view ``(A, K, B)`` (the whole parameter) or
+    ``(A, K, B, offset, a_stride)`` (part of it) splits the flattened parameter into K slices exactly as in
+    :func:`neural_mechanics_ext.slice_moments`, and group ``k`` is the union over members of slice ``k``.
+    Several members may name one parameter (the Q and K blocks of a fused attention weight).  ``sign`` is +1 for every member of a
     translation or scale family and for the incoming side of a rescale family, -1 for its outgoing
     side.  Every member has the same K, the family's number of groups.
 
@@ -44,12 +45,12 @@ class SymmetryFamily:
         members = []
         for m in self.members:
             if len(m) != 3:
-                raise ValueError(f"SymmetryFamily {self.name!r}: member {m!r} is not (param_name, (A, K, B), sign)")
+                raise ValueError(f"SymmetryFamily {self.name!r}: member {m!r} is not (param_name, view, sign)")
             pname, view, sign = m
             if not isinstance(pname, str):
                 raise TypeError(f"SymmetryFamily {self.name!r}: parameter name {pname!r} is not a string")
-            if len(view) != 3 or min(int(s) for s in view) < 0:
-                raise ValueError(f"SymmetryFamily {self.name!r}: view {view!r} of {pname} is not a non-negative (A, K, B)")
+            where = f"SymmetryFamily {self.name!r}: view of {pname}"
+            full(view, where=where)  # its form; the size against the parameter when resolved
             if sign not in (1, -1):
                 raise ValueError(f"SymmetryFamily {self.name!r}: sign of {pname} must be +1 or -1, got {sign!r}")
             members.append((pname, tuple(int(s) for s in view), int(sign)))
@@ -67,13 +68,13 @@ class SymmetryFamily:
             raise ValueError(f"SymmetryFamily {self.name!r}: {self.kind} members all have sign +1")
         seen = set()
         for p, v, _ in members:
-            if (p, v) in seen:
+            if (p, full(v)) in seen:  # (A, K, B) and (A, K, B, 0, K*B) are one view
                 raise ValueError(f"SymmetryFamily {self.name!r}: member {p} {v} listed twice")
-            seen.add((p, v))
+            seen.add((p, full(v)))
 
     def resolve(self, named_parameters: dict) -> List[tuple]:
-        """The members as ``(parameter, view, sign)``; a clear error for an unknown name or a view that
-        does not cover its parameter."""
+        """The members as ``(parameter, (A, K, B, offset, a_stride), sign)``; a clear error for an unknown
+        name or a view that does not fit its parameter."""
         out = []
         for pname, view, sign in self.members:
             if pname not in named_parameters:
@@ -81,11 +82,8 @@ class SymmetryFamily:
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise KeyError(f"family {self.name!r}: the model has no parameter named {pname!r}{hint}")
             p = named_parameters[pname]
-            a, k, b = view
-            if a * k * b != p.numel():
-                raise ValueError(f"family {self.name!r}: view {view} of {pname} covers {a * k * b} elements but "
-                                 f"the parameter has {p.numel()} (shape {tuple(p.shape)})")
-            out.append((p, view, sign))
+            out.append((p, full(view, p.numel(), f"family {self.name!r}: view of {pname}",
+                                f"{pname} (shape {tuple(p.shape)})"), sign))
         return out
 
     @property

@@ -56,6 +56,7 @@ from torch.utils._pytree import tree_map
 
 from .. import _backend
 from ..plan import MomentPlan
+from ..views import strided
 from .capture import capture
 from .eps_limit import NormaliserWatch
 from .float64 import KeepFloat64
@@ -205,8 +206,9 @@ def plan_moments(plan: "MomentPlan", ys: Sequence[Optional[torch.Tensor]],
         xf = x.detach().reshape(-1).to(torch.float64)
         yf = y.detach().reshape(-1).to(torch.float64)
         zf = None if z is None else z.detach().reshape(-1).to(torch.float64)
-        for a, k, b in views:
-            X, Y = xf.view(a, k, b), yf.view(a, k, b)
+        for view in views:
+            k = view[1]
+            X, Y = strided(xf, view), strided(yf, view)
             cols = torch.zeros(k, 9, dtype=torch.float64, device=xf.device)
             cols[:, 0] = X.sum((0, 2))
             cols[:, 1] = Y.sum((0, 2))
@@ -214,7 +216,7 @@ def plan_moments(plan: "MomentPlan", ys: Sequence[Optional[torch.Tensor]],
             cols[:, 4] = (Y * Y).sum((0, 2))
             cols[:, 6] = (X * Y).sum((0, 2))
             if zf is not None:
-                Z = zf.view(a, k, b)
+                Z = strided(zf, view)
                 cols[:, 2] = Z.sum((0, 2))
                 cols[:, 5] = (Z * Z).sum((0, 2))
                 cols[:, 7] = (X * Z).sum((0, 2))
