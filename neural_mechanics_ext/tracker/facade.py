@@ -105,7 +105,8 @@ class SymmetryTracker:
         self._blocks = BlockIntegrator(self.families, self.plan, self._theory,
                                        [self._group_of[id(p)] for p in self.plan.params],
                                        len(self.optimizer.param_groups), self._named)
-        self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.scale_columns)
+        self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.columns,
+                                getattr(self._theory, "summary", None))
         self.step = 0               # optimizer steps seen
         self._closed = False
         self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0, "write_seconds": 0.0}
