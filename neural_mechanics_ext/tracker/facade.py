@@ -107,6 +107,7 @@ class SymmetryTracker:
                                        len(self.optimizer.param_groups), self._named)
         self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.columns,
                                 getattr(self._theory, "summary", None))
+        self._history.residual = getattr(self._theory, "reads_gradient", True)
         self.step = 0               # optimizer steps seen
         self._closed = False
         self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0, "write_seconds": 0.0}

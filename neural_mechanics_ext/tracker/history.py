@@ -34,6 +34,7 @@ class History:
         self.families, self.offsets, self.log_every = list(families), list(offsets), log_every
         self.kinds_of = {**{c: ("scale",) for c in SCALE_ONLY}, **(columns or {})}
         self.extra_summary = extra_summary
+        self.residual = True  # False: the stream carries no gradient, so there is no constraint residual
         self.by_family = {f.name: FamilyHistory(f) for f in self.families}
 
     def add(self, block: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
@@ -83,7 +84,7 @@ class History:
                 failed.append(f.note)
             rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": h.steps,
                          **{f"error_{p}": h.max_error(p) for p in PREDICTIONS},
-                         "residual": h.max_residual, "assumptions": failed,
+                         "residual": h.max_residual if self.residual else float("nan"), "assumptions": failed,
                          **(self.extra_summary(b, h.arrays()) if self.extra_summary else {})})
         for f, reason in excluded:
             rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": 0,

@@ -179,8 +179,11 @@ class BlockIntegrator:
         g_rms_sq = (M[:, :, UNSIGNED_YY].sum(1) / counts.sum())[:, None]
         residual = constraint_residual(translation, M[:, :, COL["y"]], M[:, :, COL["xy"]], M[:, :, UNSIGNED_XX],
                                        M[:, :, UNSIGNED_YY], counts, g_rms_sq)
+        grad_sq = M[:, :, COL["yy"]]
+        if not getattr(self.theory, "reads_gradient", True):  # y is not g: no gradient-constraint residual
+            residual, grad_sq = torch.full_like(residual, float("nan")), torch.full_like(grad_sq, float("nan"))
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
-                   "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n,
+                   "grad_sq": grad_sq, "effective_lr": lr / n,
                    **{k: theirs[k] for k in self.theory.columns},
                    "lr": lr, "t": elapsed, **{p: theirs[p] for p in PREDICTIONS}}
         # Maxima over the block per family, for every family at once (scatter over the group -> family map).
