@@ -29,6 +29,8 @@ class OptimizerTheory(Protocol):
     reason: Optional[str]        # why the predictions are off for the whole run; None when they apply
     inputs: str                  # the streamed tensors, in words ("parameters, gradients or ...")
     columns: Dict[str, Tuple[str, ...]]  # the theory's own columns and the family kinds that keep each
+    # Optional: ``reads_gradient = False`` when y is not the gradient (no constraint residual, no grad_sq);
+    # ``summary(batch, arrays) -> dict``, extra entries of a family's ``summary()`` row.
 
     def stream(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Stream:
         """The tensors to read with ``params`` at this step (called in hooks: no host sync)."""
