@@ -9,7 +9,6 @@ with THEORY_ADAPTIVE §7's schedules (cosine lr with warmup, oscillating weight 
   ~1e-14 here, hence the 1e-9 bar);
 * the long AdamW run's equilibrium ratios against THEORY_ADAPTIVE §3.3's measured accuracy.
 """
-import math
 
 import numpy as np
 import pytest
@@ -174,7 +173,7 @@ def test_capturable_on_cuda(name):
     for capturable in (False, True):
         net = model_v().cuda()
         opt = OPTIMIZERS[name](net.parameters(), capturable=capturable)
-        X = torch.randn(20, 32, 12, dtype=torch.float64, device="cuda", generator=None)
+        X = torch.randn(20, 32, 12, dtype=torch.float64, device="cuda")
         tr = nmx.SymmetryTracker(net, opt, X[0], flush_every=7)
         gen = torch.Generator(device="cuda").manual_seed(1)
         for k in range(20):
