@@ -122,6 +122,23 @@ class MomentPlan:
         signed = F.embedding_bag(rows, S, bags, mode="sum", per_sample_weights=sign)
         return signed, F.embedding_bag(rows, S, bags, mode="sum")
 
+    def member_rows(self, groups: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The member slices of ``groups`` (indices into the plan's groups), for per-member arithmetic.
+
+        Returns CPU tensors, one entry per member slice: its row of the ``[slices, 9]`` result, the
+        position of its group in ``groups``, its sign (rescale's outgoing side −1) and its plan tensor."""
+        rows_all, bags, sign = self._rows.cpu(), self._bags.cpu(), self._sign.cpu()
+        ends = torch.cat([bags[1:], torch.tensor([len(rows_all)])])
+        rows, index, signs = [], [], []
+        for i, g in enumerate(groups.tolist()):
+            r = range(int(bags[g]), int(ends[g]))
+            rows += rows_all[r.start:r.stop].tolist()
+            signs += sign[r.start:r.stop].tolist()
+            index += [i] * len(r)
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        tensor = torch.searchsorted(torch.tensor(self.first_row[1:]), rows_t, right=True)
+        return rows_t, torch.tensor(index, dtype=torch.long), torch.tensor(signs, dtype=torch.float64), tensor
+
     def split(self, G: torch.Tensor) -> List[torch.Tensor]:
         """Cut a ``[groups, ...]`` tensor into one piece per family (views, no copies)."""
         return [G[o:o + f.num_groups] for o, f in zip(self.offsets, self.families)]

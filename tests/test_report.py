@@ -146,3 +146,35 @@ def test_running_error_is_the_summary_metric_step_by_step():
     h = {"empirical": np.array([[1.0, 2.0], [1.0, 2.0]]), "exact": np.array([[1.0, 2.0], [1.5, np.nan]]),
          "magnitude": np.array([[1.0, 2.0], [1.0, 4.0]])}
     np.testing.assert_allclose(plot.running_error(h, "exact"), [0.0, 0.5 / 4.0])
+
+
+@pytest.fixture(scope="module")
+def adamw_run_dir(tmp_path_factory):
+    """A short float64 AdamW run of the demo model (--exact: every symmetry exact, BN eps 1e-30)."""
+    c = RunConfig(command="train", model="demo", optimizer="adamw", exact=True,
+                  out=str(tmp_path_factory.mktemp("rep") / "adamw"), steps=12, batch_size=16, train_samples=128,
+                  test_samples=32, image_size=16, calibrate_steps=0, flush_every=4, progress=False)
+    return run_training(c, log=lambda s: None)
+
+
+def test_adamw_report_has_predictions_and_the_equilibrium_figures(adamw_run_dir):
+    """Under AdamW the error table has exact errors (not the empty panel of before), the equilibrium figure
+    is drawn, and its table's ratios are those of summary.json."""
+    html = open(os.path.join(adamw_run_dir, "report.html")).read()
+    summary = json.load(open(os.path.join(adamw_run_dir, "summary.json")))
+    rows = {r["family"]: r for r in summary["families"]}
+    errors = _cells(html, "errors")
+    assert all(errors[f][0][0] is not None and errors[f][0][0] <= 1e-10 for f in errors), errors
+    assert "id='equilibrium'" in html and os.path.exists(os.path.join(adamw_run_dir, "figures", "equilibrium.png"))
+    eq = _cells(html, "equilibrium")
+    scale = [f for f, r in rows.items() if "angle_ratio" in r]
+    assert sorted(eq) == sorted(scale) and scale
+    for f in scale:
+        got = [v for v, _ in eq[f]]
+        want = [rows[f][k] for k in ("angle_ratio", "norm_ratio", "elapsed_tau", "alignment", "ksb")]
+        assert got == pytest.approx(want, rel=1e-12, nan_ok=True), f
+    h = read_run(adamw_run_dir)
+    a = h[scale[0]]
+    assert {"angle", "angle_equilibrium", "norm_equilibrium", "alignment", "ksb"} <= set(a)
+    assert np.isfinite(a["angle_equilibrium"]).all() and np.isfinite(a["alignment"]).all()
+    assert "Adaptive optimizer" in html

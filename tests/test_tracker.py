@@ -201,13 +201,14 @@ def _one_step_run(model, opt, families, steps=5):
     return tracker
 
 
-def test_adam_gets_empirical_values_and_a_reason():
+def test_an_optimizer_outside_the_theory_gets_empirical_values_and_a_reason():
+    # (Adam, AdamW and Lion have their own theory now: tests/test_tracker_adaptive.py)
     model = bn_mlp()
-    tracker = _one_step_run(model, torch.optim.Adam(model.parameters(), lr=1e-3), BN_MLP_FAMILIES)
+    tracker = _one_step_run(model, torch.optim.RMSprop(model.parameters(), lr=1e-3), BN_MLP_FAMILIES)
     h = tracker.history()["0 (scale)"]
     assert np.isfinite(h["empirical"]).all() and np.isnan(h["exact"]).all()
     row = tracker.summary()[0]
-    assert math.isnan(row["error_exact"]) and "Adam is outside the theory" in row["assumptions"][0]
+    assert math.isnan(row["error_exact"]) and "RMSprop is outside the theory" in row["assumptions"][0]
 
 
 def test_unequal_weight_decay_inside_a_group_is_flagged():

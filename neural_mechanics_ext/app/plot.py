@@ -6,6 +6,8 @@
 * :func:`plot_fig1` — the paper's Fig. 1: raw weights next to the per-filter norms of the same layer.
 * :func:`plot_residuals` — the gradient-constraint residual of every family over time.
 * :func:`plot_scale_rates` — effective learning rate η/|θ_A|² and angular update of scale layers.
+* :func:`plot_equilibrium` — adaptive optimizers (Kosson et al. 2024): angular update and norm of each scale
+  layer against their rotational equilibrium, the alignment cos(θ, u) and its kinetic-symmetry-breaking part.
 * :func:`plot_training` — loss and accuracy.
 
 Every x-axis of a dynamics plot is t = Σ_k η_k (the cumulative learning rate, the paper's time).
@@ -296,9 +298,11 @@ def plot_residuals(history, families: List[dict], path: str, hide: Sequence[str]
     symmetry's generator) of every family over t, one colour per kind.  Families of one-parameter groups
     (see :func:`single_parameter_groups`) and those in ``hide`` (values at rounding level) are left out
     and counted in the title: their residual compares rounding noise with itself."""
-    fams = [f for f in families if f["name"] in history and len(history[f["name"]].get("step", ()))]
+    fams = [f for f in families if f["name"] in history and len(history[f["name"]].get("step", ()))
+            and np.isfinite(history[f["name"]]["residual"]).any()]  # adaptive streams carry no gradient: none
     if not fams:
         return None
+
     def degenerate(f):
         # values at rounding level, or one-parameter groups measured by a residual that reads 1 for any
         # nonzero rounding-noise gradient (a residual scaled by the typical gradient does not: keep those)
@@ -346,7 +350,8 @@ def plot_scale_rates(history, families: List[dict], path: str) -> Optional[str]:
     for f, col in zip(fams, _depth_colours(len(fams))):
         h = history[f["name"]]
         axes[0].plot(h["t"], np.nanmean(h["effective_lr"], 1), color=col, linewidth=1.6)
-        axes[1].plot(h["t"], np.degrees(np.nanmean(h["angular_update"], 1)), color=col, linewidth=1.2)
+        angle = h["angular_update"] if "angular_update" in h else h["angle"]  # SGD's column, or the adaptive one
+        axes[1].plot(h["t"], np.degrees(np.nanmean(angle, 1)), color=col, linewidth=1.2)
     axes[0].set_ylabel("η / |θ_A|²  (mean over filters)")
     axes[0].set_title("effective learning rate of scale-invariant filters", fontsize=10)
     axes[1].set_ylabel("angle between θ_k and θ_k+1  (degrees, mean over filters)")
@@ -357,6 +362,63 @@ def plot_scale_rates(history, families: List[dict], path: str) -> Optional[str]:
         ax.grid(alpha=0.3, which="both")
     _depth_colorbar(fig, axes[1], compact_labels([family_layer(f) for f in fams]))
     fig.suptitle("Scale layers: weight decay shrinks |θ_A|², which raises the step size they feel", fontsize=11)
+    fig.savefig(path)
+    return path
+
+
+def _layer_mean(h: Dict[str, np.ndarray], key: str) -> np.ndarray:
+    """Mean over a layer's groups per logged step (NaN where the column has none)."""
+    v = h[key]
+    return np.nanmean(np.where(np.isfinite(v), v, np.nan), 1) if np.isfinite(v).any() else np.full(len(v), np.nan)
+
+
+def plot_equilibrium(history, families: List[dict], path: str, optimizer_text: str = "") -> Optional[str]:
+    """Adaptive optimizers: per scale layer (colour = depth) over the optimizer steps,
+    (a) the angular update φ (2.2) and its rotational-equilibrium prediction (dashed), (b) |θ_A|² and its
+    predicted equilibrium value (dashed), (c) the alignment cos(θ_A, u_A), (d) its KSB part — means over the
+    layer's groups, (c) and (d) smoothed.  None when the history has no equilibrium columns."""
+    fams = [f for f in families if f["kind"] == "scale" and f["name"] in history
+            and "angle_equilibrium" in history[f["name"]] and len(history[f["name"]]["step"])]
+    if not fams:
+        return None
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(14, 9), dpi=100, layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    colours = _depth_colours(len(fams))
+    predicted = False
+    for f, col in zip(fams, colours):
+        h = history[f["name"]]
+        x, n = h["step"], max(1, len(h["step"]) // 50)
+        axes[0].plot(x, _smooth(_layer_mean(h, "angle"), n), color=col, linewidth=1.6)
+        axes[1].plot(x, _layer_mean(h, "empirical"), color=col, linewidth=1.8)
+        for ax, key in ((axes[0], "angle_equilibrium"), (axes[1], "norm_equilibrium")):
+            pred = _layer_mean(h, key)
+            predicted |= bool(np.isfinite(pred).any())
+            ax.plot(x, pred, color=col, linestyle=(0, (4, 2)), linewidth=1.1)
+        axes[2].plot(x, _smooth(_layer_mean(h, "alignment"), n), color=col, linewidth=1.4)
+        axes[3].plot(x, _smooth(_layer_mean(h, "ksb"), n), color=col, linewidth=1.4)
+    axes[0].set_ylabel("angle between θ_k and θ_k+1  (radians, mean over filters)")
+    axes[0].set_title("angular update per step; dashed: its rotational equilibrium (THEORY_ADAPTIVE §3.4)",
+                      fontsize=10)
+    axes[1].set_ylabel("|θ_A|²  (mean over filters)")
+    axes[1].set_title("squared norm; dashed: the equilibrium recursion (no measured alignment)", fontsize=10)
+    axes[2].set_ylabel("cos(θ_A, u_A)  (mean over filters)")
+    axes[2].set_title("alignment of the update direction with the weights (2.5)", fontsize=10)
+    axes[3].set_ylabel("KSB part of cos(θ_A, u_A)")
+    axes[3].set_title("kinetic symmetry breaking: the preconditioner's part of the alignment", fontsize=10)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+    for ax in axes[2:]:
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3, which="both")
+    if not predicted:
+        axes[0].text(0.5, 0.95, "no equilibrium prediction for this optimizer (coupled Adam: THEORY_ADAPTIVE §3.6)",
+                     transform=axes[0].transAxes, ha="center", va="top", fontsize=9, color="crimson")
+    _depth_colorbar(fig, axes[1], compact_labels([family_layer(f) for f in fams]))
+    fig.suptitle("Rotational equilibrium of scale-invariant layers" + (f" — {optimizer_text}" if optimizer_text else ""),
+                 fontsize=11)
     fig.savefig(path)
     return path
 

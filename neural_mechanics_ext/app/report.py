@@ -71,6 +71,14 @@ FIGURES = [  # (file, caption); the paper-style figures first
      "(1e-8–1e-6); BatchNorm's eps lifts scale families to ~1e-5."),
     ("scale_rates.png", "<b>Scale layers</b>: effective learning rate η/|θ_A|² (the step a scale-invariant filter "
      "feels) and the angle each filter turns per step, mean over the filters of a layer."),
+    ("equilibrium.png", "<b>Rotational equilibrium</b> (adaptive optimizers; Kosson, Messmer &amp; Jaggi 2024; "
+     "THEORY_ADAPTIVE §3–4), one colour per scale-invariant layer. Top: the angle each filter turns per step and "
+     "its squared norm, with the equilibrium the random-walk model predicts from the schedule alone (dashed; "
+     "no measured alignment enters). Weight decay and the update balance once the run is a few time constants "
+     "1/(2ηλ) in; the angle then settles at η_r ≈ sqrt(2ηλ(1−β₁)/(1+β₁)) (AdamW). Bottom: the alignment "
+     "cos(θ_A, u_A) of the update direction with the weights — negative under momentum (the inertial part, which "
+     "carries most of the norm growth) — and its kinetic-symmetry-breaking part, which exists only because the "
+     "preconditioner differs between the elements of a group and averages to nearly zero."),
     ("training.png", "<b>Training</b>: cross-entropy loss and accuracy of each batch; the dashed line is the "
      "accuracy on the held-out set at the end."),
 ]
@@ -94,6 +102,7 @@ def write_figures(run: Dict[str, Any]) -> List[str]:
     made.append(plot.plot_fig1(h, fams, run["raw"], run["raw_values"], os.path.join(out, "fig1_filters.png")))
     made.append(plot.plot_residuals(h, fams, os.path.join(out, "residuals.png"), hide))
     made.append(plot.plot_scale_rates(h, fams, os.path.join(out, "scale_rates.png")))
+    made.append(plot.plot_equilibrium(h, fams, os.path.join(out, "equilibrium.png"), opt))
     test_acc = (run["summary"] or {}).get("test_accuracy")
     made.append(plot.plot_training(run["train_log"], os.path.join(out, "training.png"), test_acc))
     return [m for m in made if m]
@@ -185,6 +194,28 @@ def _error_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def _equilibrium_table(rows: List[dict]) -> str:
+    """Adaptive optimizers: measured/predicted angle and norm per scale layer (empty string otherwise)."""
+    rows = [r for r in rows if "angle_ratio" in r]
+    if not rows:
+        return ""
+    out = ["<h2>Rotational equilibrium per scale layer</h2>",
+           "<p class='small'>Window means over the last 40 % of the logged steps. Measured/predicted ratios of "
+           "the angular update and of |θ_A|² (THEORY_ADAPTIVE §3.3 measured 0.94–1.0 for AdamW and 0.8–1.1 for "
+           "Lion once equilibrated); elapsed time in units of the slow time constant (§3.5); alignment "
+           "cos(θ_A, u_A) and its KSB part.</p>",
+           '<table id="equilibrium"><tr><th>family</th><th>angle meas/pred</th><th>norm meas/pred</th>'
+           '<th>elapsed (τ)</th><th>equilibrated</th><th>cos(θ, u)</th><th>KSB part</th></tr>']
+    for r in rows:
+        out.append(f'<tr class="kind-{r["kind"]}" data-family="{html.escape(r["family"])}"><td>{html.escape(r["family"])}</td>'
+                   + "".join(_num_cell(r.get(k), ".3f") for k in ("angle_ratio", "norm_ratio"))
+                   + _num_cell(r.get("elapsed_tau"), ".1f")
+                   + f'<td>{"yes" if r.get("equilibrium_reached") else "not yet"}</td>'
+                   + "".join(_num_cell(r.get(k), "+.4f") for k in ("alignment", "ksb")) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
 def _kv_table(d: Dict[str, Any], table_id: str) -> str:
     out = [f'<table class="kv" id="{table_id}">']
     for k, v in d.items():
@@ -267,7 +298,20 @@ def _explanation(run) -> str:
             f'continuous-time formulas (Eqs. 18–20, §3(c) for momentum), <i>modified</i> their corrected form '
             f'(MF2 / D4). The paper\'s formulas differ from the discrete dynamics by O(ηλ) and, with momentum, by '
             f'the continuous-time approximation of the oscillator; that is the gap between the dashed black and '
-            f'dotted red curves.</p><p>{fp}</p></div>')
+            f'dotted red curves.</p>{_adaptive_note(c)}<p>{fp}</p></div>')
+
+
+def _adaptive_note(config: Dict[str, Any]) -> str:
+    """What the errors mean under Adam, AdamW or Lion (empty for SGD)."""
+    if config.get("optimizer", "sgd") not in ("adamw", "adam", "lion"):
+        return ""
+    return ("<p><b>Adaptive optimizer.</b> Here <i>exact</i> is THEORY_ADAPTIVE §2's one-step identity "
+            "n' = ρ²n − 2ηρ⟨θ,u⟩ + η²|u|² (and its translation and rescale forms), driven by the measured moments "
+            "of the update direction u that the tracker forms per element from the optimizer's state: it agrees "
+            "to rounding when u is formed right. The SGD formulas (<i>paper</i>, <i>modified</i>) do not apply "
+            "(empty columns); the random-walk predictions of the equilibrium are in the rotational-equilibrium "
+            "figure and table. The tracker streams (θ, p, u), not the gradient, so no gradient-constraint "
+            "residual is measured.</p>")
 
 
 def _residual_outliers(run) -> str:
@@ -328,6 +372,7 @@ def write_report(run_dir: str) -> str:
                  "parameters (a bias in front of BatchNorm) it is 1 by construction whenever the gradient is "
                  "rounding noise.</p>")
     parts.append(_error_table(run["rows"]))
+    parts.append(_equilibrium_table(run["rows"]))
     parts.append("<h2>Symmetry families found</h2>")
     parts.append("<p class='small'>Members: parameter(A,K,B) views, group k = slice k of each; after '|' the "
                  "outgoing side of a rescale group. Residual: the gradient check of discovery (float64 copy).</p>")

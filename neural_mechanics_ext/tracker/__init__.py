@@ -28,10 +28,10 @@ The optimizer seam (:mod:`.optimizers`).  Everything that depends on the optimiz
 behind one object chosen from the optimizer's type (:func:`.optimizers.theory_for`): which tensors the
 step's pass reads as the y and z of ``slice_moments`` (SGD: gradient and momentum buffer), the
 step's settings and assumptions, the integrators that produce the prediction columns and the columns
-derived from the moments alone.  :class:`.sgd.SGDTheory` is its one implementation; an optimizer
-with its own theory (Adam, AdamW, Lion: THEORY_ADAPTIVE.md) adds a module with the same methods and a
-line in ``theory_for``, and a fused kernel mode that reads more tensors extends ``Stream`` and
-``hooks.read_moments``.
+derived from the moments alone.  :class:`.sgd.SGDTheory` (THEORY.md) and :class:`.adaptive.AdaptiveTheory`
+(Adam, AdamW, Lion: THEORY_ADAPTIVE.md, stream (θ, p, u) formed by ``adaptive.adaptive_stream``) implement
+it; another optimizer adds a module with the same methods and a line in ``theory_for``, and a fused
+kernel mode that reads more tensors extends ``Stream`` and ``hooks.read_moments``.
 """
 from .facade import SymmetryTracker
 

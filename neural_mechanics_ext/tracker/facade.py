@@ -27,8 +27,10 @@ class SymmetryTracker:
     Args:
         model: the model being trained.
         optimizer: its optimizer.  ``torch.optim.SGD`` (plain, momentum, dampening, Nesterov, weight
-            decay, any schedule) gets exact and paper predictions; other optimizers get the empirical
-            quantities and constraint residuals only, and ``summary()`` says why.
+            decay, any schedule) gets exact and paper predictions; ``torch.optim.Adam``/``AdamW`` and
+            ``lion_pytorch.Lion`` the exact identities, angles, alignment and equilibrium predictions of
+            THEORY_ADAPTIVE.md (:mod:`.adaptive`); other optimizers get the empirical quantities and
+            constraint residuals only, and ``summary()`` says why.
         example_inputs: a batch of inputs for ``find_symmetries`` (not needed with ``families``).
         families: the families to track (default: ``find_symmetries(model, example_inputs, loss)``).
         loss: the loss kind for discovery ("cross_entropy", "mse", "bce", None).
@@ -105,7 +107,9 @@ class SymmetryTracker:
         self._blocks = BlockIntegrator(self.families, self.plan, self._theory,
                                        [self._group_of[id(p)] for p in self.plan.params],
                                        len(self.optimizer.param_groups), self._named)
-        self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.scale_columns)
+        self._history = History(self.families, self.plan.offsets, self.log_every, self._theory.columns,
+                                getattr(self._theory, "summary", None))
+        self._history.residual = getattr(self._theory, "reads_gradient", True)
         self.step = 0               # optimizer steps seen
         self._closed = False
         self.timing = {"hook_seconds": 0.0, "process_seconds": 0.0, "write_seconds": 0.0}
@@ -178,14 +182,19 @@ class SymmetryTracker:
         applicable), magnitude [T, G], residual [T] (max over groups of the gradient-constraint residual),
         per-layer sums (``*_sum`` [T]) and, for scale families, grad_sq (|g_A|²), effective_lr (η/|θ_A|²),
         angular_update (radians per step) and equilibrium (the n* = |θ_A|² the current gradient and
-        settings drive toward, THEORY §3(b)/§4.1) [T, G]."""
+        settings drive toward, THEORY §3(b)/§4.1) [T, G].  SGD runs also have alignment and ksb (scale and
+        translation).  Adam, AdamW and Lion runs have instead angle, angle_equilibrium, norm_equilibrium
+        (and norm_equilibrium_kinetic), alignment, ksb and, for translation families, set_point (README,
+        :mod:`.adaptive`)."""
         self.sync()
         return self._history.arrays()
 
     def summary(self) -> List[Dict[str, Any]]:
         """One row per family: kind, groups, max relative error of each prediction (DESIGN.md §3's
         metric: max |pred − emp| over steps and groups / max magnitude), the largest gradient-constraint
-        residual, and the theory assumptions that failed (with the step from which)."""
+        residual, and the theory assumptions that failed (with the step from which).  Adam, AdamW and
+        Lion runs add angle_ratio, norm_ratio, elapsed_tau, equilibrium_reached, alignment and ksb per
+        scale family (``AdaptiveTheory.summary``)."""
         self.sync()
         return self._history.summary(self._blocks.batches, self.excluded)
 

@@ -6,7 +6,7 @@ and the sinks write.  The maxima behind ``summary()`` cover every step, logged o
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,13 +24,17 @@ class History:
         families: the tracked families, in the plan's order.
         offsets: the first group of each family in the block columns (``plan.offsets``).
         log_every: keep every ``log_every``-th step.
-        scale_columns: the optimizer theory's columns that scale families only keep (beside ``SCALE_ONLY``).
+        columns: the optimizer theory's columns and the family kinds that keep each (``OptimizerTheory.columns``;
+            ``SCALE_ONLY`` are kept by scale families only).
+        extra_summary: ``(batch, arrays) -> dict`` of the theory's additional summary entries per family.
     """
 
     def __init__(self, families: Sequence[SymmetryFamily], offsets: Sequence[int], log_every: int,
-                 scale_columns: Tuple[str, ...] = ()):
+                 columns: Optional[Dict[str, Tuple[str, ...]]] = None, extra_summary=None):
         self.families, self.offsets, self.log_every = list(families), list(offsets), log_every
-        self.scale_only = SCALE_ONLY + tuple(scale_columns)
+        self.kinds_of = {**{c: ("scale",) for c in SCALE_ONLY}, **(columns or {})}
+        self.extra_summary = extra_summary
+        self.residual = True  # False: the stream carries no gradient, so there is no constraint residual
         self.by_family = {f.name: FamilyHistory(f) for f in self.families}
 
     def add(self, block: Dict[str, Any]) -> Dict[str, Dict[str, np.ndarray]]:
@@ -48,7 +52,7 @@ class History:
             sl = slice(self.offsets[fi], self.offsets[fi] + f.num_groups)
             rows = {"step": steps[logged].numpy(), "t": cols["t"][:, sl.start], "lr": cols["lr"][:, sl.start]}
             for name, v in cols.items():
-                if name not in ("t", "lr") and (f.kind == "scale" or name not in self.scale_only):
+                if name not in ("t", "lr") and f.kind in self.kinds_of.get(name, (f.kind,)):
                     rows[name] = v[:, sl]
             rows["residual"] = worst[:, fi]
             for p, v in sums.items():
@@ -80,7 +84,8 @@ class History:
                 failed.append(f.note)
             rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": h.steps,
                          **{f"error_{p}": h.max_error(p) for p in PREDICTIONS},
-                         "residual": h.max_residual, "assumptions": failed})
+                         "residual": h.max_residual if self.residual else float("nan"), "assumptions": failed,
+                         **(self.extra_summary(b, h.arrays()) if self.extra_summary else {})})
         for f, reason in excluded:
             rows.append({"family": f.name, "kind": f.kind, "groups": f.num_groups, "steps": 0,
                          **{f"error_{p}": float("nan") for p in PREDICTIONS}, "residual": float("nan"),

@@ -24,14 +24,17 @@ class Stream(NamedTuple):
     """The tensors one moment pass reads beside θ, one entry per tracked tensor (None: read as zeros).
 
     They are the y and z of ``slice_moments``; the optimizer theory chooses them (SGD: the gradient and
-    the momentum buffer).  A theory whose fused kernel mode reads more tensors adds fields here."""
+    the momentum buffer; Adam, AdamW, Lion: p and u, with the step's settings per tensor in ``meta``).
+    A theory whose fused kernel mode reads more tensors adds fields here."""
 
     y: List[Optional[torch.Tensor]]
     z: List[Optional[torch.Tensor]]
+    meta: Optional[list] = None
 
     def part(self, r: range) -> "Stream":
         """The entries of the plan's tensors ``r`` (a bucket)."""
-        return Stream(self.y[r.start:r.stop], self.z[r.start:r.stop])
+        meta = None if self.meta is None else self.meta[r.start:r.stop]
+        return Stream(self.y[r.start:r.stop], self.z[r.start:r.stop], meta)
 
 
 def read_moments(plan: MomentPlan, stream: Stream, tensors: Optional[range] = None) -> torch.Tensor:

@@ -5,14 +5,16 @@ Per block of T steps, on the host:
    unsigned |θ_A|² and |g_A|², which rescale magnitudes and residual norms need);
 2. per batch of families that share a kind class and optimizer param groups (:class:`Batch`), the optimizer
    theory's predictions and derived columns.  The prediction of step k rests on steps before k; a failed
-   assumption at step k ends the batch's predictions from step k + 1 on;
+   assumption at step k ends the batch's predictions from step k + 1 on.  A batch whose parameters sit in
+   several optimizer param groups (Hugging Face's "no decay on biases and norms") also gets its member
+   slices' moments ``[T, R, 9]`` (:class:`Members`), so that a theory can apply each member's own settings;
 3. the columns every optimizer shares (empirical value, magnitude, gradient-constraint residual, |g_A|²,
    effective lr, lr, t = Σ lr) and the block's maxima per family, which ``summary()`` accumulates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +28,14 @@ from ..symmetry.residual import constraint_residual
 UNSIGNED_XX, UNSIGNED_YY = 9, 10
 
 
+class Members(NamedTuple):
+    """The member slices of a batch's groups, one entry each (``MomentPlan.member_rows``)."""
+    rows: torch.Tensor          # row of the per-slice moments [slices, 9]
+    index: torch.Tensor         # its group's position in the batch
+    sign: torch.Tensor          # −1 on rescale's outgoing side
+    tensor: torch.Tensor        # its plan tensor (whose optimizer settings apply)
+
+
 @dataclass
 class Batch:
     """Families integrated together: same kind class and same optimizer param groups."""
@@ -37,6 +47,15 @@ class Batch:
     integrators: Dict[str, Any] = field(default_factory=dict)
     invalid: Optional[str] = None       # why predictions stopped, once they did
     invalid_step: Optional[int] = None
+    sizes: Optional[torch.Tensor] = None    # [G] elements per group
+    rescale: Optional[torch.Tensor] = None  # [G] bool: the group is a rescale group (signed moments)
+    members: Optional[Members] = None       # per-member slices, when the params span several param groups
+
+    def member_moments(self, block: torch.Tensor) -> Optional[torch.Tensor]:
+        """[T, R, 9] signed moments of the member slices from a block [T, slices, 9] (None: one param group)."""
+        if self.members is None:
+            return None
+        return block[:, self.members.rows.to(block.device)] * self.members.sign.to(block)[None, :, None]
 
 
 def make_batches(families: Sequence[SymmetryFamily], plan: MomentPlan, param_group: Sequence[int],
@@ -54,6 +73,11 @@ def make_batches(families: Sequence[SymmetryFamily], plan: MomentPlan, param_gro
     for b in by_key.values():
         b.groups = torch.cat([torch.arange(plan.offsets[fi], plan.offsets[fi] + families[fi].num_groups)
                               for fi in b.families])
+        b.sizes = plan.counts.cpu()[b.groups]
+        b.rescale = torch.cat([torch.full((families[fi].num_groups,), families[fi].kind == "rescale")
+                               for fi in b.families])
+        if len(b.param_groups) > 1:
+            b.members = Members(*plan.member_rows(b.groups))
     return list(by_key.values())
 
 
@@ -89,11 +113,12 @@ class BlockIntegrator:
         M = torch.cat([signed.view(T, G, 9), unsigned.view(T, G, 9)[:, :, 3:5]], dim=2)
         # The theory's columns: NaN where it predicts nothing (another kind, or after a failed assumption).
         theirs = {name: torch.full((T, G), float("nan"), dtype=torch.float64)
-                  for name in self.theory.scale_columns + PREDICTIONS}
+                  for name in tuple(self.theory.columns) + PREDICTIONS}
         lr = torch.zeros((T, G), dtype=torch.float64)
         elapsed = torch.zeros((T, G), dtype=torch.float64)
         for b in self.batches:
-            lr[:, b.groups], elapsed[:, b.groups] = self._integrate_batch(b, M[:, b.groups, :9], records, theirs)
+            lr[:, b.groups], elapsed[:, b.groups] = self._integrate_batch(
+                b, M[:, b.groups, :9], b.member_moments(block[:T]), records, theirs)
         for rec in records:
             for i, h in enumerate(rec["groups"]):
                 self.clock[i] += float(h["lr"])
@@ -101,13 +126,15 @@ class BlockIntegrator:
         self.processed += T
         return self._shared_columns(M, lr, elapsed, theirs, steps)
 
-    def _integrate_batch(self, b: Batch, Mb: torch.Tensor, records: List[dict], out: Dict[str, torch.Tensor]):
-        """Fill ``out``'s columns of the batch's groups; return its lr and t [T, 1]."""
+    def _integrate_batch(self, b: Batch, Mb: torch.Tensor, Rb: Optional[torch.Tensor], records: List[dict],
+                         out: Dict[str, torch.Tensor]):
+        """Fill ``out``'s columns of the batch's groups; return its lr and t [T, 1].  ``Rb``: the member
+        slices' moments [T, R, 9] (None unless the batch spans several param groups)."""
         # Everything that does not recurse is done for the whole block at once; only the
         # integrators step through it.
         finite = torch.isfinite(Mb).flatten(1).all(1).tolist()
         settings, lrs, times, clock = [], [], [], self.clock[b.param_groups[0]]
-        predicted: Dict[str, list] = {name: [] for name in PREDICTIONS}
+        predicted: Dict[str, list] = {name: [] for name in out}
         for t, rec in enumerate(records):
             hp, problem = self.theory.settings(b, rec, self.plan.names)
             if problem is None and not finite[t]:
@@ -116,21 +143,26 @@ class BlockIntegrator:
             lrs.append(float(rec["groups"][b.param_groups[0]]["lr"]))
             times.append(clock)
             clock += lrs[-1]
+            R_t = None if Rb is None else Rb[t]
             if not b.integrators:
-                b.integrators = self.theory.integrators(b.kind, Mb[t])
+                b.integrators = self.theory.integrators(b, Mb[t], R_t, hp)
             if b.invalid is None:
-                for name, integ in b.integrators.items():
-                    if not getattr(integ, "unsupported", None):
-                        predicted[name].append((t, integ.prediction()))
+                live = {n: i for n, i in b.integrators.items() if not getattr(i, "unsupported", None)}
+                for name, integ in live.items():  # the values at step k, from steps before k
+                    for col, v in _columns(name, integ).items():
+                        predicted[col].append((t, v))
                 if problem:
                     b.invalid, b.invalid_step = problem, self.processed + t
                 else:
-                    self.theory.advance(b.integrators, hp, Mb[t])
+                    self.theory.advance(b.integrators, hp, Mb[t], R_t)
+                    for integ in live.values():  # the columns of the step just taken (step_columns)
+                        for col, v in getattr(integ, "step_columns", dict)().items():
+                            predicted[col].append((t, v))
         for name, rows in predicted.items():
             if rows:
                 steps_with = torch.tensor([t for t, _ in rows])
                 out[name][steps_with[:, None], b.groups] = torch.stack([v for _, v in rows])
-        for name, v in self.theory.derived(b.kind, Mb, settings).items():
+        for name, v in self.theory.derived(b, Mb, settings, Rb).items():
             out[name][:, b.groups] = v
         return (torch.tensor(lrs, dtype=torch.float64)[:, None], torch.tensor(times, dtype=torch.float64)[:, None])
 
@@ -147,9 +179,12 @@ class BlockIntegrator:
         g_rms_sq = (M[:, :, UNSIGNED_YY].sum(1) / counts.sum())[:, None]
         residual = constraint_residual(translation, M[:, :, COL["y"]], M[:, :, COL["xy"]], M[:, :, UNSIGNED_XX],
                                        M[:, :, UNSIGNED_YY], counts, g_rms_sq)
+        grad_sq = M[:, :, COL["yy"]]
+        if not getattr(self.theory, "reads_gradient", True):  # y is not g: no gradient-constraint residual
+            residual, grad_sq = torch.full_like(residual, float("nan")), torch.full_like(grad_sq, float("nan"))
         columns = {"empirical": empirical, "magnitude": magnitude, "residual": residual,
-                   "grad_sq": M[:, :, COL["yy"]], "effective_lr": lr / n,
-                   **{k: theirs[k] for k in self.theory.scale_columns},
+                   "grad_sq": grad_sq, "effective_lr": lr / n,
+                   **{k: theirs[k] for k in self.theory.columns},
                    "lr": lr, "t": elapsed, **{p: theirs[p] for p in PREDICTIONS}}
         # Maxima over the block per family, for every family at once (scatter over the group -> family map).
         stats = {"magnitude": self._family_max(magnitude), "residual": self._family_max(residual)}
@@ -163,3 +198,9 @@ class BlockIntegrator:
         per_group = torch.where(torch.isfinite(v), v, float("-inf")).amax(0)
         out = torch.full((len(self.families),), float("-inf"), dtype=torch.float64)
         return out.scatter_reduce(0, self._family_of_group, per_group, "amax").tolist()
+
+
+def _columns(name: str, integ) -> Dict[str, torch.Tensor]:
+    """An integrator's columns at the current step: its own ``columns()`` or its prediction under its name."""
+    columns = getattr(integ, "columns", None)
+    return columns() if columns is not None else {name: integ.prediction()}

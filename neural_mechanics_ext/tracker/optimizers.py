@@ -6,11 +6,11 @@ The tracker itself knows nothing of any optimizer's update rule.  The theory obj
   the y and z of ``slice_moments``) and what of the step's settings is kept (:meth:`~OptimizerTheory.record`);
 * on the host, per block and per batch of families (``integrate.Batch``): the step's settings and whether
   the theory's assumptions hold (:meth:`~OptimizerTheory.settings`), the integrators of its predictions
-  (named as ``schema.PREDICTIONS``; ``integrate`` steps them through the block and stops them at the first
-  failed assumption) and the columns derived from the moments alone (:meth:`~OptimizerTheory.derived`).
+  (``integrate`` steps them through the block and stops them at the first failed assumption) and the
+  columns derived from the moments alone (:meth:`~OptimizerTheory.derived`).
 
-``torch.optim.SGD`` is the one implementation (:mod:`.sgd`).  Another optimizer gets a module beside it
-and a line in :func:`theory_for`.
+Implementations: ``torch.optim.SGD`` (:mod:`.sgd`, THEORY.md) and Adam/AdamW/Lion (:mod:`.adaptive`,
+THEORY_ADAPTIVE.md).  Another optimizer gets a module beside them and a line in :func:`theory_for`.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from .adaptive import AdaptiveTheory, supported
 from .hooks import Stream
 from .sgd import SGDTheory
 
@@ -27,7 +28,9 @@ class OptimizerTheory(Protocol):
 
     reason: Optional[str]        # why the predictions are off for the whole run; None when they apply
     inputs: str                  # the streamed tensors, in words ("parameters, gradients or ...")
-    scale_columns: Tuple[str, ...]   # names of the derived columns, present for scale families only
+    columns: Dict[str, Tuple[str, ...]]  # the theory's own columns and the family kinds that keep each
+    # Optional: ``reads_gradient = False`` when y is not the gradient (no constraint residual, no grad_sq);
+    # ``summary(batch, arrays) -> dict``, extra entries of a family's ``summary()`` row.
 
     def stream(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> Stream:
         """The tensors to read with ``params`` at this step (called in hooks: no host sync)."""
@@ -40,15 +43,20 @@ class OptimizerTheory(Protocol):
         """The batch's settings at one step (passed to ``advance`` and ``derived``) and the assumption
         of the theory that failed at that step, or None; ``names`` are the plan's parameter names."""
 
-    def integrators(self, kind: str, M0: torch.Tensor) -> Dict[str, Any]:
-        """Fresh integrators of a batch of that kind, from its first step's moments [G, 9]: objects with
-        ``prediction()``, ``state_dict()``, ``load_state_dict()`` and optionally ``unsupported``."""
+    def integrators(self, batch, M0: torch.Tensor, rows0: Optional[torch.Tensor], settings: Any) -> Dict[str, Any]:
+        """Fresh integrators of a batch (``integrate.Batch``), from its first step's moments [G, 9], its member
+        slices' [R, 9] (None unless the batch has ``members``) and settings (None when resuming): objects with
+        ``prediction()`` (the column named as the integrator) or ``columns()`` (several), optionally
+        ``step_columns()`` (columns of the step just consumed, read after ``advance``), ``state_dict()``,
+        ``load_state_dict()`` and optionally ``unsupported``."""
 
-    def advance(self, integrators: Dict[str, Any], settings: Any, M: torch.Tensor) -> None:
-        """Move the integrators past one step with its settings and moments [G, 9]."""
+    def advance(self, integrators: Dict[str, Any], settings: Any, M: torch.Tensor,
+                rows: Optional[torch.Tensor]) -> None:
+        """Move the integrators past one step with its settings and moments [G, 9] (and [R, 9])."""
 
-    def derived(self, kind: str, Mb: torch.Tensor, settings: List[Any]) -> Dict[str, torch.Tensor]:
-        """Columns [T, G] computed from a block's moments [T, G, 9] without state."""
+    def derived(self, batch, Mb: torch.Tensor, settings: List[Any], rows: Optional[torch.Tensor]
+                ) -> Dict[str, torch.Tensor]:
+        """Columns [T, G] computed from a block's moments [T, G, 9] (and [T, R, 9]) without state."""
 
 
 def theory_for(optimizer: torch.optim.Optimizer) -> OptimizerTheory:
@@ -56,5 +64,8 @@ def theory_for(optimizer: torch.optim.Optimizer) -> OptimizerTheory:
     columns and no predictions; ``reason`` says why."""
     if type(optimizer) is torch.optim.SGD:
         return SGDTheory(SGDTheory.unsupported(optimizer))
-    return SGDTheory(f"{type(optimizer).__name__} is outside the theory (THEORY.md §4.5: adaptive "
-                     "preconditioners break the closed forms); empirical values and residuals only")
+    family, why_not = supported(optimizer)
+    if family is not None:
+        return AdaptiveTheory(optimizer)
+    return SGDTheory(why_not or f"{type(optimizer).__name__} is outside the theory (covered: torch.optim.SGD, "
+                     "Adam, AdamW and lion_pytorch.Lion); empirical values and residuals only")

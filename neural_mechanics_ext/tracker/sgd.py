@@ -3,7 +3,9 @@
 One implementation of :class:`~neural_mechanics_ext.tracker.optimizers.OptimizerTheory`; the algebra
 itself lives in :mod:`neural_mechanics_ext.theory` (THEORY.md §3, §4).  Every SGD form torch implements
 (plain, momentum, dampening, Nesterov, weight decay, any schedule) gets the exact and the paper
-predictions; the scale groups also get their angular update and equilibrium norm.
+predictions; the scale groups also get their angular update and equilibrium norm, and scale and
+translation groups the alignment cos(θ_A, u_A) of the update direction u = P(g + λθ) + Qv and its
+kinetic-symmetry-breaking part (THEORY_ADAPTIVE (2.5); 0 to rounding: SGD's preconditioner is one number).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..schema import COL
-from ..theory import ExactIntegrator, PaperIntegrator, StepHyper, angular_update, equilibrium_norm
+from ..theory import ExactIntegrator, PaperIntegrator, StepHyper, alignment_split, angular_update, equilibrium_norm
+from ..theory.step import update_coefficients
 from .hooks import Stream
 
 
@@ -25,7 +28,9 @@ class SGDTheory:
     """
 
     inputs = "parameters, gradients or momentum buffers"       # what a non-finite step had
-    scale_columns = ("angular_update", "equilibrium")            # derived columns, scale batches only
+    # derived columns and the family kinds that keep them
+    columns = {"angular_update": ("scale",), "equilibrium": ("scale",),
+               "alignment": ("scale", "translation"), "ksb": ("scale", "translation")}
 
     def __init__(self, reason: Optional[str] = None):
         self.reason = reason
@@ -73,23 +78,31 @@ class SGDTheory:
         return hp, None
 
     @staticmethod
-    def integrators(kind: str, M0: torch.Tensor) -> Dict[str, Any]:
+    def integrators(batch, M0: torch.Tensor, rows0=None, hp=None) -> Dict[str, Any]:
         """The predictions of THEORY §4 (exact) and §3 (paper, modified), started from step moments M0."""
+        kind = batch.kind
         return {"exact": ExactIntegrator(kind, M0), "paper": PaperIntegrator(kind, M0, "paper"),
                 "modified": PaperIntegrator(kind, M0, "modified")}
 
     @staticmethod
-    def advance(integrators: Dict[str, Any], hp: StepHyper, M: torch.Tensor) -> None:
+    def advance(integrators: Dict[str, Any], hp: StepHyper, M: torch.Tensor, rows=None) -> None:
         for integ in integrators.values():
             integ.advance(hp, M)
 
-    @staticmethod
-    def derived(kind: str, Mb: torch.Tensor, hps: List[StepHyper]) -> Dict[str, torch.Tensor]:
-        """Angular update and equilibrium norm [T, G] of a block's scale groups (``scale_columns``)."""
-        if kind != "scale":
-            return {}
-        return {"angular_update": _per_setting(angular_update, Mb, hps),
-                "equilibrium": _per_setting(_equilibrium, Mb, hps)}
+    def derived(self, batch, Mb: torch.Tensor, hps: List[StepHyper], rows=None) -> Dict[str, torch.Tensor]:
+        """Angular update, equilibrium norm (scale groups), alignment and KSB [T, G] of a block (the
+        alignment only where the theory applies: u is SGD's update direction)."""
+        T, G = Mb.shape[:2]
+        out = {}
+        if self.reason is None:
+            split = alignment_split(_per_setting(_update_moments, Mb, hps, width=9).reshape(-1, 9), batch.kind,
+                                    sizes=batch.sizes.repeat(T))
+            keep = ~batch.rescale  # signed rescale moments define no cosine
+            out = {k: torch.where(keep, split[k].view(T, G), float("nan")) for k in ("alignment", "ksb")}
+        if batch.kind == "scale":
+            out["angular_update"] = _per_setting(angular_update, Mb, hps)
+            out["equilibrium"] = _per_setting(_equilibrium, Mb, hps)
+        return out
 
 
 def _read_hyper(group: dict) -> dict:
@@ -99,16 +112,30 @@ def _read_hyper(group: dict) -> dict:
             "nesterov": bool(group.get("nesterov", False))}
 
 
-def _per_setting(fn, Mb: torch.Tensor, hps: List[StepHyper]) -> torch.Tensor:
-    """fn(moments [n, 9], settings) -> [n] over a block [T, G, 9], one call per run of equal settings."""
-    out, t = torch.empty(Mb.shape[:2], dtype=torch.float64), 0
+def _per_setting(fn, Mb: torch.Tensor, hps: List[StepHyper], width: int = 0) -> torch.Tensor:
+    """fn(moments [n, 9], settings) -> [n] (or [n, width]) over a block [T, G, 9], one call per run of
+    equal settings."""
+    out, t = torch.empty(Mb.shape[:2] + ((width,) if width else ()), dtype=torch.float64), 0
     while t < len(hps):
         u = t + 1
         while u < len(hps) and hps[u] == hps[t]:
             u += 1
-        out[t:u] = fn(Mb[t:u].reshape(-1, 9), hps[t]).view(u - t, -1)
+        out[t:u] = fn(Mb[t:u].reshape(-1, 9), hps[t]).view(out[t:u].shape)
         t = u
     return out
+
+
+def _update_moments(M: torch.Tensor, hp: StepHyper) -> torch.Tensor:
+    """The moments of (θ, u, u) from those of (θ, g, v), u = P(g + λθ) + Qv (the update direction of
+    ``theory.update_direction``; p = u: SGD's preconditioner is one number, so its KSB vanishes)."""
+    _, _, P, Q = update_coefficients(hp)
+    lam = float(hp.weight_decay)
+    c = {k: M[:, COL[k]] for k in COL}
+    one_u = P * (c["y"] + lam * c["x"]) + Q * c["z"]
+    theta_u = P * (c["xy"] + lam * c["xx"]) + Q * c["xz"]
+    uu = (P * P * (c["yy"] + 2 * lam * c["xy"] + lam * lam * c["xx"]) + 2 * P * Q * (c["yz"] + lam * c["xz"])
+          + Q * Q * c["zz"])
+    return torch.stack([c["x"], one_u, one_u, c["xx"], uu, uu, theta_u, theta_u, uu], dim=1)
 
 
 def _equilibrium(M: torch.Tensor, hp: StepHyper) -> torch.Tensor:

@@ -43,7 +43,9 @@ def load_state_dict(tracker: "SymmetryTracker", sd: Dict[str, Any]) -> None:
     for b, bsd in zip(blocks.batches, sd["batches"]):
         b.invalid, b.invalid_step = bsd["invalid"], bsd["invalid_step"]
         # The theory's integrators, built from placeholder moments and then given their saved state.
-        fresh = blocks.theory.integrators(b.kind, torch.zeros((len(b.groups), 9), dtype=torch.float64))
+        zeros = torch.zeros((len(b.groups), 9), dtype=torch.float64)
+        rows = None if b.members is None else torch.zeros((len(b.members.rows), 9), dtype=torch.float64)
+        fresh = blocks.theory.integrators(b, zeros, rows, None)
         b.integrators = {name: fresh[name] for name in bsd["integrators"]}
         for name, isd in bsd["integrators"].items():
             b.integrators[name].load_state_dict(isd)
