@@ -106,6 +106,22 @@ class MomentPlan:
         return _backend.ops.slice_moments([p.detach() for p in self.params[tensors.start:tensors.stop]],
                                           list(grads or []), list(buffers or []), self._tables[tensors])
 
+    def stream_moments(self, mode: str, grads: Sequence[torch.Tensor], state, scalars,
+                       tensors: Optional[range] = None) -> torch.Tensor:
+        """The fused pass of an adaptive optimizer: moments of (θ, p, u), (p, u) formed in the kernel from
+        θ, g and the optimizer ``state`` ((exp_avgs, exp_avg_sqs, max_exp_avg_sqs); Lion: exp_avgs only),
+        ``scalars`` one tuple per tensor (``adam_moments``/``lion_moments``).  Same rows as
+        :meth:`slice_moments`; the op is called directly, as there."""
+        tensors = tensors or range(len(self.params))
+        params = [p.detach() for p in self.params[tensors.start:tensors.stop]]
+        flat = [float(s) for per in scalars for s in per]
+        given = lambda ts: list(ts) if any(t is not None for t in ts) else []   # all None: no state yet
+        if mode == "adam":
+            ms, vs, vmaxs = state
+            return _backend.ops.adam_moments(params, list(grads), given(ms), given(vs), given(vmaxs),
+                                             self._tables[tensors], flat)
+        return _backend.ops.lion_moments(params, list(grads), given(state[0]), self._tables[tensors], flat)
+
     def group_moments(self, S: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-group moments ``[groups, 9]``: signed (rescale's outgoing side counts −1) and unsigned.
 

@@ -256,7 +256,7 @@ def test_fuzz_against_reference(backend_, data):
 def row_tolerance(table, inputs):
     """Per output row: 1e-13 where the tensor's arithmetic is float64 (any input float64), else FLOAT_TOL."""
     f64 = [any(t is not None and t.dtype == torch.float64 for t in ts) for ts in inputs]
-    return torch.tensor([1e-13 if f64[table[q]] else FLOAT_TOL for q in range(0, len(table), 4)
+    return torch.tensor([1e-13 if f64[table[q]] else FLOAT_TOL for q in range(0, len(table), 6)
                          for _ in range(table[q + 2])], dtype=torch.float64)[:, None]
 
 
@@ -395,13 +395,13 @@ def test_direct_op_calls_are_checked_too():
     adam, lion = torch.ops.neural_mechanics_ext.adam_moments, torch.ops.neural_mechanics_ext.lion_moments
     good = [0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 0.0]
     with pytest.raises((ValueError, RuntimeError), match="7 numbers per tensor"):
-        adam([x], [x], [], [], [], [0, 1, 4, 5], good[:6])
+        adam([x], [x], [], [], [], [0, 1, 4, 5, 0, 20], good[:6])
     with pytest.raises((ValueError, RuntimeError), match="exp_avg but no exp_avg_sq"):
-        adam([x], [x], [x], [], [], [0, 1, 4, 5], good)
+        adam([x], [x], [x], [], [], [0, 1, 4, 5, 0, 20], good)
     with pytest.raises((ValueError, RuntimeError), match="out of range"):
-        adam([x], [x], [], [], [], [0, 1, 4, 5], good[:3] + [0.0] + good[4:])
+        adam([x], [x], [], [], [], [0, 1, 4, 5, 0, 20], good[:3] + [0.0] + good[4:])
     with pytest.raises((ValueError, RuntimeError), match="beta1"):
-        lion([x], [x], [], [0, 1, 4, 5], [1.0])
+        lion([x], [x], [], [0, 1, 4, 5, 0, 20], [1.0])
 
 
 # ---- registration, torch.compile, the other CPU kernels, the fallback path ----------------------------

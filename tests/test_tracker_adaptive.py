@@ -239,3 +239,37 @@ def test_theory_choice():
     mixed = torch.optim.Adam([{"params": [net[0].weight]}, {"params": [net[0].bias], "decoupled_weight_decay": True}])
     assert "coupled and decoupled" in theory_for(mixed).reason
     assert "outside the theory" in theory_for(torch.optim.RMSprop(net.parameters())).reason
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, maximize=True),
+    lambda ps: pytest.importorskip("lion_pytorch").Lion(ps, lr=1e-3, weight_decay=0.1),
+], ids=["adamw-amsgrad", "adam-coupled-maximize", "lion"])
+def test_the_fused_pass_equals_the_reference_formed_stream(make):
+    """The tracker's step path hands the kernel θ, g and the optimizer state (the fused adam/lion modes);
+    the sharded path forms (p, u) with the reference ``update_direction`` instead: both give the same
+    moments, before the first step (no state) and after a few."""
+    from neural_mechanics_ext.plan import MomentPlan
+    from neural_mechanics_ext.theory import step_hyper
+    from neural_mechanics_ext.tracker.adaptive import adaptive_stream
+    from neural_mechanics_ext.tracker.hooks import read_moments
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+    opt = make(model.parameters())
+    named = dict(model.named_parameters())
+    fam = nmx.SymmetryFamily("rescale", "hidden", [("0.weight", (1, 8, 6), 1), ("0.bias", (1, 8, 1), 1),
+                                                   ("2.weight", (3, 8, 1), -1)])
+    plan = MomentPlan([fam], named)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(3, (16,))
+    for step in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        hypers = [step_hyper(opt, opt.param_groups[0], step=step + 1) for _ in plan.params]
+        stream = adaptive_stream(opt, plan.params, hypers)
+        assert stream.mode is not None
+        fused = read_moments(plan, stream)
+        formed = read_moments(plan, stream.formed(plan.params))
+        torch.testing.assert_close(fused, formed, rtol=1e-12, atol=1e-14)
+        opt.step()

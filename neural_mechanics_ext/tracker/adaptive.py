@@ -20,10 +20,10 @@ param group without weight decay): the exact replay and the angle apply each mem
 (``Batch.members``), which is exact; the equilibrium recursion and the set point need one λ per group and
 stop with a note in ``summary()``.
 
-Cost until the kernel's fused ``adam``/``lion`` stream modes land: :func:`adaptive_stream` forms (p, u) with
-``theory.update_direction`` in the step pre-hook (no host sync), allocating two parameter-sized tensors per
-tracked parameter per step (freed after the moment pass) and reading θ, g and the optimizer state once more
-than the optimizer itself does.
+Cost: :func:`adaptive_stream` hands the kernel's fused ``adam``/``lion`` modes θ, g and the optimizer state
+(``adam_moments``/``lion_moments``), which form (p, u) per element while they sum the moments: one read of
+each tensor, no allocation.  A step where some tracked tensor has no gradient, and the sharded (FSDP2) pass,
+form (p, u) with the reference ``theory.update_direction`` instead (two parameter-sized tensors each).
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from ..theory import (AdaptiveExactIntegrator, AdaptiveHyper, EquilibriumRecursion, TranslationSetPoint,
-                      adaptive_angle, alignment_split, group_setting, optimizer_family, state_step, step_hyper,
-                      update_direction)
+                      adaptive_angle, alignment_split, group_setting, optimizer_family, state_step, step_hyper)
 from .hooks import Stream
 
 SCALE, BOTH = ("scale",), ("scale", "translation")
@@ -44,22 +43,25 @@ WINDOW = 0.4                # summary ratios: means over the last 40 % of the lo
 
 def adaptive_stream(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                     hypers: Sequence[AdaptiveHyper]) -> Stream:
-    """The (p, u) of each tracked tensor at the step pre-hook (None where it has no gradient).
+    """The stream of the tracked tensors at the step pre-hook: the fused ``adam``/``lion`` mode's inputs
+    (gradients, optimizer state, per-tensor scalars), or (p, u) formed by the reference where a tensor has
+    no gradient (the kernels need every gradient)."""
+    state = [optimizer.state[p] if p in optimizer.state else {} for p in params]
+    grads = [p.grad for p in params]
+    lion = bool(hypers) and hypers[0].family == "lion"
+    stream = Stream(grads, [None] * len(params), list(hypers), "lion" if lion else "adam",
+                    tuple([s.get(n) for s in state] for n in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+                    [_scalars(hp) for hp in hypers])
+    return stream.formed(params) if any(g is None for g in grads) else stream
 
-    The one place that forms the adaptive streams: the kernel's fused ``adam``/``lion`` modes, which form
-    (p, u) in registers while summing the moments, replace this function.  Until then it costs two
-    parameter-sized allocations per tensor per step (module docstring)."""
-    ys: List[Optional[torch.Tensor]] = []
-    zs: List[Optional[torch.Tensor]] = []
-    state = optimizer.state
-    with torch.no_grad():
-        for p, hp in zip(params, hypers):
-            if p.grad is None:
-                ys.append(None), zs.append(None)
-                continue
-            pre, u = update_direction(p.detach(), p.grad, state[p] if p in state else {}, hp)
-            ys.append(pre), zs.append(u)
-    return Stream(ys, zs, list(hypers))
+
+def _scalars(hp: AdaptiveHyper) -> Tuple[float, ...]:
+    """One tensor's scalars of the fused op: Lion (β₁); Adam (β₁, β₂, ε, bc₁, bc₂, coupled λ, maximize)."""
+    b1, b2 = hp.betas
+    if hp.family == "lion":
+        return (b1,)
+    bc1, bc2 = hp.bias_corrections
+    return (b1, b2, hp.eps, bc1, bc2, 0.0 if hp.decoupled else hp.weight_decay, 1.0 if hp.maximize else 0.0)
 
 
 def supported(optimizer: torch.optim.Optimizer) -> Tuple[Optional[str], Optional[str]]:

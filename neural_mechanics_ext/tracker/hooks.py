@@ -18,27 +18,53 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from ..plan import MomentPlan
+from ..theory import update_direction
 
 
 class Stream(NamedTuple):
     """The tensors one moment pass reads beside θ, one entry per tracked tensor (None: read as zeros).
 
-    They are the y and z of ``slice_moments``; the optimizer theory chooses them (SGD: the gradient and
-    the momentum buffer; Adam, AdamW, Lion: p and u, with the step's settings per tensor in ``meta``).
-    A theory whose fused kernel mode reads more tensors adds fields here."""
+    Plain streams (``mode`` None) are the y and z of ``slice_moments``: SGD's gradient and momentum buffer.
+    A fused stream (``mode`` "adam" or "lion") holds the gradients in ``y`` and the optimizer state in
+    ``state`` ((exp_avg, exp_avg_sq, max_exp_avg_sq) lists); the kernel forms (p, u) from them while it
+    sums the moments (``adam_moments``/``lion_moments``), with each tensor's scalars in ``scalars`` and
+    its step settings in ``meta``."""
 
     y: List[Optional[torch.Tensor]]
     z: List[Optional[torch.Tensor]]
     meta: Optional[list] = None
+    mode: Optional[str] = None
+    state: Optional[Tuple[list, list, list]] = None
+    scalars: Optional[List[Tuple[float, ...]]] = None
 
     def part(self, r: range) -> "Stream":
         """The entries of the plan's tensors ``r`` (a bucket)."""
-        meta = None if self.meta is None else self.meta[r.start:r.stop]
-        return Stream(self.y[r.start:r.stop], self.z[r.start:r.stop], meta)
+        cut = lambda xs: None if xs is None else xs[r.start:r.stop]
+        state = None if self.state is None else tuple(cut(s) for s in self.state)
+        return Stream(cut(self.y), cut(self.z), cut(self.meta), self.mode, state, cut(self.scalars))
+
+    def formed(self, params) -> "Stream":
+        """The plain stream (p, u) of a fused one, formed with the reference ``update_direction``: for the
+        passes that take plain streams only (sharded, FSDP2).  Costs two tensors per parameter."""
+        if self.mode is None:
+            return self
+        ys, zs = [], []
+        with torch.no_grad():
+            for i, (p, g, hp) in enumerate(zip(params, self.y, self.meta)):
+                if g is None:
+                    ys.append(None), zs.append(None)
+                    continue
+                names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                state = {n: s[i] for n, s in zip(names, self.state) if s[i] is not None}
+                pre, u = update_direction(p.detach(), g, state, hp)
+                ys.append(pre), zs.append(u)
+        return Stream(ys, zs, self.meta)
 
 
 def read_moments(plan: MomentPlan, stream: Stream, tensors: Optional[range] = None) -> torch.Tensor:
     """The one fused pass over ``stream`` (of the plan's tensors ``tensors``, default all of them)."""
+    if stream.mode is not None:
+        return plan.stream_moments(stream.mode, stream.y, stream.state, stream.scalars, tensors=tensors)
     return plan.slice_moments(stream.y, stream.z, tensors=tensors)
 
 
@@ -46,7 +72,7 @@ def moment_pass(plan: MomentPlan, sharded=None, backward: Optional["BackwardBuck
                 ) -> Callable[[Stream], torch.Tensor]:
     """The pass the pre-hook makes on a step's stream: sharded, gathered from buckets, or plain."""
     if sharded is not None:
-        return lambda stream: sharded(stream.y, stream.z)
+        return lambda stream: sharded(*stream.formed(plan.params)[:2])
     if backward is not None:
         return backward.gather
     return functools.partial(read_moments, plan)
