@@ -22,27 +22,16 @@ import torch  # noqa: E402
 
 import neural_mechanics_ext as nmx  # noqa: E402
 from neural_mechanics_ext import bench as B  # noqa: E402
+from neural_mechanics_ext.app.timing import spread  # noqa: E402
 
 
-def measure(peers, device, rounds, min_time, baseline=None):
-    """benchmark.measure, except on one CPU thread: there the calling thread's CPU time is used, which
-    other processes' time slices do not inflate (a shared machine's main source of noise)."""
-    if device.type != "cpu" or torch.get_num_threads() != 1:
-        return B.measure(peers, device, rounds, min_time=min_time, baseline=baseline or next(iter(peers)))
-    calls = {}
-    for k, f in peers.items():
-        start = time.thread_time()
-        f()
-        calls[k] = max(1, int(min_time / max(time.thread_time() - start, 1e-6)))
-    out = {k: [] for k in peers}
-    names = list(peers)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            start = time.thread_time()
-            for _ in range(calls[k]):
-                peers[k]()
-            out[k].append((time.thread_time() - start) / calls[k])
-    return B.Measurement(out, calls)
+def measure(peers, device, rounds, min_time):
+    """The suite's interleaved rounds (``neural_mechanics_ext.bench.measure``), except on one CPU thread:
+    there the timers read the calling thread's CPU time, which other processes' time slices do not
+    inflate (a shared machine's main source of noise)."""
+    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+    return B.measure(peers, rounds, min_time=min_time, baseline=next(iter(peers)),
+                     timer=time.thread_time if one_thread else None)
 
 
 def per_tensor(pset, rounds, min_time):
@@ -57,8 +46,8 @@ def per_tensor(pset, rounds, min_time):
         peers = {"ours": lambda: nmx.slice_moments([x], [views], [g], [v]),
                  "stream": lambda: (x.sum(), g.sum(), v.sum())}
         m = measure(peers, cpu, rounds, min_time)
-        t = {k: B.quantiles(m.rounds[k])["median"] for k in peers}
-        r = B.paired_ratios(m.rounds["ours"], m.rounds["stream"])["median"]
+        t = {k: spread(m.seconds[k])["median"] for k in peers}
+        r = B.paired_ratios(m.seconds["ours"], m.seconds["stream"])["median"]
         nbytes = 12 * x.numel()
         rows.append((name, shape, views, t["ours"], t["stream"], r, nbytes))
         for k in total:
@@ -101,11 +90,11 @@ def paths(rounds, min_time, device=torch.device("cpu"), copy_gbps=None):
     where = "in HBM" if device.type == "cuda" else f"in cache, {torch.get_num_threads()} thread(s)" + (
         ", CPU time of the thread" if torch.get_num_threads() == 1 else ", wall time")
     print(f"cost per element by kernel path ({R}x{L} fp32 tensors, {where}):")
-    fixed = B.quantiles(m.rounds["fixed cost of a call (8x8)"])["median"]
+    fixed = spread(m.seconds["fixed cost of a call (8x8)"])["median"]
     print(f"  fixed cost of a call: {fixed * 1e6:.1f} us (subtracted below)")
     for k, (vs, ys, zs) in list(cases.items()) + [("3 x torch.sum (fp32)", (None, [g], [v]))]:
         q = {key: val - (fixed if k in cases and key in ("median", "q1", "q3") else 0.0)
-             for key, val in B.quantiles(m.rounds[k]).items()}
+             for key, val in spread(m.seconds[k]).items()}
         nbytes = n * (4 + sum(t[0].element_size() for t in (ys, zs) if t))
         gbps = nbytes / q["median"] / 1e9
         share = f", {gbps / copy_gbps * 100:.0f}% of copy" if copy_gbps else ""

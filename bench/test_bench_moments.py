@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from neural_mechanics_ext import bench as B
+from neural_mechanics_ext.app.timing import sync
 
 SET = os.environ.get("NMX_BENCH_SET", "resnet50")
 DEVICE = torch.device(os.environ.get("NMX_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
@@ -36,13 +37,13 @@ def test_slice_moments(benchmark, inputs, peer):
         fn, info = B.make_peer(peer, inp)
     except B.PeerFailed as exc:
         pytest.skip(str(exc))
-    benchmark.group = f"slice_moments {inp.pset.name} g={dtype} ({B._fmt_count(inp.pset.numel)} params, " \
+    benchmark.group = f"slice_moments {inp.pset.name} g={dtype} ({B.fmt_count(inp.pset.numel)} params, " \
                       f"{inp.pset.num_tensors} tensors, {inp.nbytes / B.MB:.0f} MB, {DEVICE.type})"
     benchmark.extra_info.update(bytes=inp.nbytes, **info)
 
     def run():
         fn()
-        B.sync(DEVICE)
+        sync(DEVICE)
 
     if peer in SLOW:
         benchmark.pedantic(run, rounds=SLOW[peer], iterations=1, warmup_rounds=1 if peer == "compiled" else 0)

@@ -56,7 +56,7 @@ Hessian residual at eps = 1e-5 is 1e-3..1e-2 on vgg16_bn and resnet18 at init, 1
 proof's Σ eps/(var+eps) and growing with the number of values per normalised set, so no eps-aware
 tolerance separates it reliably from a false family.  When the model calls a normaliser and the check has scale
 families, the scale kind therefore gets a second forward pass with every normaliser's eps replaced by
-``EPS_LIMIT`` (the function mode of :mod:`~neural_mechanics_ext.symmetry.prove`) and one product on it:
+``EPS_LIMIT`` (the function mode of :mod:`~neural_mechanics_ext.symmetry.eps_limit`) and one product on it:
 there the symmetry is exact, and that residual is the verdict (``residuals``, ``max_residual``), which
 proves the structure; the model's own eps is measured on the model's pass and reported beside it
 (``max_residual_model_eps``, and a note).  Translation and rescale symmetries are exact at any eps.
@@ -124,7 +124,9 @@ from . import ops
 from .plan import MomentPlan
 from .schema import KINDS
 from .symmetry.family import SymmetryFamily
-from .symmetry.prove import _NormWatch, _residuals, plan_moments, validate_families
+from .symmetry.eps_limit import NormaliserWatch
+from .symmetry.prove import plan_moments, validate_families
+from .symmetry.residual import family_residuals
 from .views import strided
 
 TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -311,7 +313,7 @@ def _kind_results(ck: _Check, moments, floors: _Floors, per_family) -> None:
         n = plan.counts.to(s.device)
         coeff = ck.coeffs[k].to(s.device)
         res, curv_m, curv_a = _kind_numbers(k, s, u, n, floors.g_bar2, floors.theta_bar2, coeff)
-        grad_res = _residuals(plan.families, plan, s, u, n, floors.g_bar2, (Z, ZZ, XZ))
+        grad_res = family_residuals(plan.families, plan, s, u, n, floors.g_bar2, (Z, ZZ, XZ))
         res0 = None
         if ck.verdict_graph[k] == "limit":
             # floors from the model's pass: with eps → 0 a dead channel's gradient explodes (see prove.py)
@@ -424,7 +426,7 @@ class _Graph:
         device = trainable[0].device if trainable else torch.device("cpu")
         devices = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
-        watch = _NormWatch(eps_limit)
+        watch = NormaliserWatch(eps_limit)
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.manual_seed(seed)
             with watch:

@@ -23,14 +23,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ._backend import build_info
+from .machine import machine_info
 from .sinks import append_durably, read_run, write_atomically
 from .summary import add_magnitudes, errors_from_history
 from .symmetry import describe
@@ -59,35 +58,18 @@ def write_json(path: str, obj) -> None:
 
 
 def environment() -> Dict[str, Any]:
-    """Versions and hardware, for environment.json and the report."""
+    """Versions and hardware (``machine.machine_info``), the date and the command line: environment.json."""
     env: Dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command_line": " ".join(["neural-mechanics"] + sys.argv[1:]) if sys.argv and "neural" in sys.argv[0] else None,
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "numpy": np.__version__, "neural_mechanics_ext": build_info(),
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
+        **machine_info(),
     }
     for mod in ("torchvision", "matplotlib"):
         try:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    if torch.cuda.is_available():
-        env["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        env["cuda"] = torch.version.cuda
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_config(run_dir: str, config: Dict[str, Any]) -> None:

@@ -12,5 +12,5 @@ TORCH_SPEC=${NMX_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 .venv/bin/python -m pip install -q $TORCH_SPEC
 .venv/bin/python -m pip install -q ninja setuptools wheel numpy
 # --no-build-isolation: the kernels must be compiled against the torch installed above.
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,plot,tensorboard]"
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,plot,tensorboard,huggingface,lightning]"
 .venv/bin/python -c "import neural_mechanics_ext as nmx; print('neural_mechanics_ext', nmx.build_info())"

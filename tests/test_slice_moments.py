@@ -2,7 +2,6 @@
 
 The kernel tests run on every backend of the `backend` fixture (conftest.py): the CPU kernels, the CUDA
 kernels on the host SIMT emulation (every machine), and the CUDA kernels on a GPU (where there is one)."""
-import functools
 import os
 import subprocess
 import sys
@@ -127,10 +126,10 @@ def _partial_views(numel, draw):
     return views
 
 
-@pytest.mark.parametrize("backend_", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
+@pytest.mark.parametrize("impl", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_fuzz_partial_views_against_reference(backend_, data):
+def test_fuzz_partial_views_against_reference(impl, data):
     draw = data.draw
     xs, views, ys, zs = [], [], [], []
     for _ in range(draw(st.integers(1, 3))):
@@ -144,13 +143,13 @@ def test_fuzz_partial_views_against_reference(backend_, data):
         zs.append(torch.randn(shape).to(dx) if draw(st.booleans()) else None)
         mixed = _partial_views(numel, draw) + (_factor_views(numel, draw) if draw(st.booleans()) else [])
         views.append(draw(st.permutations(mixed)))
-    assert_close_to_reference(xs, views, ys, zs, op=backend_.slice_moments)
+    assert_close_to_reference(xs, views, ys, zs, op=impl.slice_moments)
 
 
-@pytest.mark.parametrize("backend_", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
+@pytest.mark.parametrize("impl", [CPU, pytest.param(EMULATED, marks=needs_emulation)], ids=lambda b: b.name)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_fuzz_against_reference(backend_, data):
+def test_fuzz_against_reference(impl, data):
     draw = data.draw
     xs, views, ys, zs = [], [], [], []
     for _ in range(draw(st.integers(1, 4))):
@@ -163,7 +162,7 @@ def test_fuzz_against_reference(backend_, data):
         ys.append(torch.randn(shape).to(dy) if draw(st.booleans()) else None)
         zs.append(torch.randn(shape).to(dz) if draw(st.booleans()) else None)
         views.append(_factor_views(numel, draw))
-    assert_close_to_reference(xs, views, ys, zs, op=backend_.slice_moments)
+    assert_close_to_reference(xs, views, ys, zs, op=impl.slice_moments)
 
 
 @pytest.mark.parametrize("dx", DTYPES, ids=str)

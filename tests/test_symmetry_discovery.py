@@ -326,7 +326,10 @@ def test_less_common_dataflow():
     # assignment into a zero buffer → a.  q and k go through the attention logits: nothing.
     # a → ReLU → cat([u[:, 3:], u[:, :3]]) → b: unit k reaches b's column (k+3) % 6, which no
     # (A, K, B) view with the units in order expresses: refused.  b → CE: columns + bias.
+    # P, a parameter used through `@` ([in 4, out 6]), is a source like a Linear: its column j makes
+    # feature j of t, read by qk and v (their columns j compensate): P (4, 6, 1) ↔ qk, v.
     expected = {
+        S("rescale", W("P", (4, 6, 1)), W("qk.weight", (12, 6, 1), -1), W("v.weight", (6, 6, 1), -1)),
         S("rescale", W("c0.weight", (1, 4, 27)), W("c0.bias", (1, 4, 1)), W("c1.weight", (4, 4, 9), -1)),
         S("rescale", W("c1.weight", (1, 4, 36)), W("c1.bias", (1, 4, 1)), W("c2.weight", (4, 4, 1), -1)),
         S("rescale", W("c2.weight", (1, 4, 4)), W("c2.bias", (1, 4, 1)), W("P", (1, 4, 6), -1)),

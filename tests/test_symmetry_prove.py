@@ -191,3 +191,17 @@ def test_proof_inputs_and_outputs():
     fams = find_symmetries(Two(), {"x": x, "scale": 2.0}, lambda out, t: F.cross_entropy(out[0], t),
                            targets=torch.tensor([0, 1, 0, 1, 1]))
     assert {f.kind for f in fams} == {"rescale", "translation"} and len(fams) == 3
+
+
+def test_keep_float64_suppresses_down_casts_only():
+    """The proof's float64 pass stays float64 where model code casts down on purpose (HF's RMSNorm, eager
+    softmax with dtype=float32); integer casts and other dtypes are untouched."""
+    from neural_mechanics_ext.symmetry.float64 import KeepFloat64
+    x = torch.randn(3, dtype=torch.float64)
+    with KeepFloat64():
+        assert x.to(torch.float32).dtype == torch.float64
+        assert x.float().dtype == torch.float64 and x.half().dtype == torch.float64
+        assert torch.softmax(x, 0, dtype=torch.float32).dtype == torch.float64
+        assert x.to(torch.int64).dtype == torch.int64
+        assert torch.randn(2).to(torch.float16).dtype == torch.float16      # not float64: left alone
+    assert x.to(torch.float32).dtype == torch.float32

@@ -370,6 +370,33 @@ def test_an_interrupt_while_integrating_loses_nothing(monkeypatch):
             np.testing.assert_array_equal(a[fam][key], b[fam][key], err_msg=f"{fam}/{key}")
 
 
+def test_an_interrupt_while_a_step_integrates_loses_no_step(monkeypatch):
+    """Ctrl-C inside the processing that a step's flush starts (step 15 of flush_every=5 processes steps
+    5-9 while steps 10-14 are handed off): both blocks stay pending and close() integrates them, so the
+    history holds every step the hook saw, equal to an uninterrupted run's first 15 steps."""
+    full = train("bn_mlp", SGD_CONFIGS["momentum+wd"][0], steps=20, tracker_kw={"flush_every": 5})[0].history()
+    real = nmx.SymmetryTracker._integrate_block
+    seen = []
+
+    def flaky(self, block, hypers):
+        seen.append(self)
+        if len(seen) == 2:          # the second block's integration, inside the 15th optimizer step
+            raise KeyboardInterrupt
+        return real(self, block, hypers)
+
+    monkeypatch.setattr(nmx.SymmetryTracker, "_integrate_block", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train("bn_mlp", SGD_CONFIGS["momentum+wd"][0], steps=20, tracker_kw={"flush_every": 5})
+    tracker = seen[0]
+    assert tracker.step == 15
+    tracker.close()
+    got = tracker.history()
+    for fam in full:
+        assert got[fam].keys() == full[fam].keys()
+        for key in full[fam]:
+            np.testing.assert_array_equal(got[fam][key], full[fam][key][:15], err_msg=f"{fam}/{key}")
+
+
 def test_tensorboard_sink_writes_one_event_per_step(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

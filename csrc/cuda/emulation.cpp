@@ -193,10 +193,11 @@ void schedule(Block& b, int self) {
     }
     int barrier = 0, shuffle = 0;
     for (const Fiber& f : b.fibers) barrier += f.state == State::kBarrier, shuffle += f.state == State::kShuffle;
-    std::string msg = "deadlock: " + std::to_string(barrier) + " threads wait at __syncthreads and " +
-                      std::to_string(shuffle) + " at a warp shuffle, " + std::to_string(b.done) +
-                      " have returned (a barrier or shuffle in divergent code)";
-    fail(msg.c_str());
+    // Written straight into the launch: nothing on this fiber's stack is destroyed once it is left.
+    active->error = "deadlock: " + std::to_string(barrier) + " threads wait at __syncthreads and " +
+                    std::to_string(shuffle) + " at a warp shuffle, " + std::to_string(b.done) +
+                    " have returned (a barrier or shuffle in divergent code)";
+    fail(active->error.c_str());
   }
   const std::size_t pick = splitmix(b.rng) % b.runnable.size();
   const int next = b.runnable[pick];
@@ -214,7 +215,13 @@ void make_runnable(Block& b, int i) {
 
 void fiber_main() {
   Launch& l = *active;
-  (*l.body)();
+  // An exception cannot unwind past the fiber's first frame: it ends the launch instead.
+  try {
+    (*l.body)();
+  } catch (const std::exception& e) {
+    l.error = std::string("a thread threw: ") + e.what();
+  }
+  if (!l.error.empty()) fail(l.error.c_str());
   Block& b = l.block;
   const int self = b.current;
   b.fibers[self].state = State::kDone;

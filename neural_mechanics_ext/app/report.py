@@ -28,10 +28,12 @@ from ..runfolder import load_run
 
 def optimizer_text(config: Dict[str, Any]) -> str:
     """``SGD lr 0.05, momentum 0.9, weight decay 0.0005`` (or ``AdamW lr 0.001, betas (0.9, 0.999), ...``)
-    from a config."""
+    from a config; a framework callback's run folder describes its optimizer itself, in ``optimizer``."""
     name = config.get("optimizer", "sgd")
+    if name not in ("sgd", "adamw", "adam", "lion"):
+        return name
     if name != "sgd":
-        label = {"adamw": "AdamW", "adam": "Adam", "lion": "Lion"}.get(name, name)
+        label = {"adamw": "AdamW", "adam": "Adam", "lion": "Lion"}[name]
         parts = [f"{label} lr {config['lr']:g}", "betas (" + ", ".join(f"{b:g}" for b in config["betas"]) + ")"]
         if name in ("adam", "adamw"):
             parts.append(f"eps {config['eps']:g}")
@@ -208,8 +210,9 @@ def _overview(run) -> str:
     items = [f"<b>{len(run['families'])}</b> symmetry families: "
              + ", ".join(f"{n} {k}" for k, n in kinds.items()),
              f"model <b>{html.escape(c['model'])}</b> on <b>{html.escape(str(c['data']))}</b> "
-             f"({c.get('num_classes')} classes, {c.get('image_size')}×{c.get('image_size')}), "
-             f"{optimizer_text(c)}, batch {c['batch_size']}, {'float64 (--exact)' if c.get('exact') else 'float32'}"
+             + (f"({c.get('num_classes')} classes, {c.get('image_size')}×{c.get('image_size')}), "
+                if c.get("num_classes") else ", ")
+             + f"{optimizer_text(c)}, batch {c['batch_size']}, {'float64 (--exact)' if c.get('exact') else 'float32'}"
              + (", AMP" if c.get("amp") else ""),
              f"<b>{steps_done}</b> of {c.get('steps')} steps tracked"]
     if s and s.get("final_loss") is not None:
@@ -239,7 +242,7 @@ def _overview(run) -> str:
         if d and "percent" in d:
             q1, q3 = d.get("percent_quartiles") or (None, None)
             text += (f"; measured directly <b id='overhead-direct'>{fmt(d['percent'], '+.1f')} %</b> "
-                     f"(median over {d['steps']} paired steps with vs without a tracker, on copies of the model; "
+                     f"(median over {d['steps']} steps with vs without a tracker in interleaved blocks, on a copy of the model; "
                      f"quartiles {fmt(q1, '+.0f')} … {fmt(q3, '+.0f')} %)")
         elif d and "error" in d:
             text += f"; the direct measurement failed: {html.escape(d['error'])}"

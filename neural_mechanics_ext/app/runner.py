@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from .. import SymmetryTracker, find_symmetries
 from ..sinks import run_sinks
 from ..summary import add_magnitudes
 from ..runfolder import RunLog, default_out_dir, write_config, write_families, write_json
-from .timing import sync
+from .overhead import interleaved_blocks, overhead_summary
+from .timing import spread
 
 # ---- configuration ---------------------------------------------------------------------------------
 # THEORY.md §8: the paper's Tiny ImageNet runs.  The paper sweeps weight decay over {0, 1e-4, 5e-4,
@@ -183,44 +185,31 @@ class Stepper:
 
 
 def measure_overhead(model, c: RunConfig, families, batch_list, device) -> Dict[str, Any]:
-    """Measure the tracker's cost directly: two copies of the model take the same steps, one with a
-    tracker and one without, alternating step by step so that load from other processes hits both
-    alike; the ratio of each adjacent pair of step times is robust to load spikes, and its median is
-    the overhead.  The tracked copy's host-side processing (``tracker.sync()`` at the end, timed on
-    its own) is spread over its steps.  The real model is not touched and the global RNG is restored.
-    Returns per-step seconds (medians), the overhead in percent and the quartiles of the pair ratios."""
+    """Measure the tracker's cost directly, the way ``neural-mechanics bench`` does (:mod:`.overhead`):
+    a copy of the model trains on ``batch_list`` (cycled) in interleaved blocks with and without a
+    tracker, about ``calibrate_steps`` steps per variant in two or more blocks of up to 4 steps (each
+    ends with the tracker's host processing), and the overhead is the median over rounds of the paired
+    block ratios.  The real model is not touched and the global RNG is restored.  Returns per-step
+    seconds (medians), the overhead in percent and the quartiles of the block ratios."""
     devices = [device] if device.type == "cuda" else []
+    block = max(1, min(c.flush_every, 4, c.calibrate_steps // 2))
+    rounds = max(2, c.calibrate_steps // block)
     with torch.random.fork_rng(devices=devices):
-        plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
-        opt_plain, opt_tracked = make_optimizer(plain, c), make_optimizer(tracked, c)
-        tracker = SymmetryTracker(tracked, opt_tracked, families=families, flush_every=len(batch_list) + 2,
-                                  hook=c.hook)
-        run_plain, run_tracked = Stepper(plain, opt_plain, device, c.amp), Stepper(tracked, opt_tracked, device, c.amp)
-        for x, y in batch_list[:2]:  # warm-up: allocations, momentum buffers, first-call costs
-            run_plain(x, y), run_tracked(x, y)
-        tracker.sync()
-        sync(device)
-        t_plain, t_tracked = [], []
-        for i, (x, y) in enumerate(batch_list[2:]):
-            # alternate which copy goes first, so neither always follows the other's cache effects
-            order = ((t_plain, run_plain), (t_tracked, run_tracked)) if i % 2 == 0 else \
-                ((t_tracked, run_tracked), (t_plain, run_plain))
-            for times, run in order:
-                start = time.perf_counter()
-                run(x, y)
-                sync(device)
-                times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        tracker.sync()
-        process_s = time.perf_counter() - start
-        tracker.close()
-    n = len(t_plain)
-    plain_med = float(np.median(t_plain))
-    ratios = np.array(t_tracked) / np.array(t_plain)
-    extra = process_s / n / plain_med
-    q1, med, q3 = (float(np.percentile(ratios, q)) - 1 + extra for q in (25, 50, 75))
-    return {"steps": n, "plain_step_seconds": plain_med, "tracked_step_seconds": float(np.median(t_tracked)),
-            "process_seconds": process_s, "percent": 100 * med, "percent_quartiles": [100 * q1, 100 * q3]}
+        twin = copy.deepcopy(model)
+        opt = make_optimizer(twin, c)
+        stepper, batches = Stepper(twin, opt, device, c.amp), itertools.cycle(batch_list)
+        variants = {"none": lambda: None,
+                    "tracker": lambda: SymmetryTracker(twin, opt, families=families, flush_every=c.flush_every,
+                                                       hook=c.hook)}
+        times = interleaved_blocks(lambda: stepper(*next(batches)), variants, rounds=rounds, block_steps=block,
+                                   warmup_steps=2)
+    tracked = overhead_summary(times)["tracker"]
+    ov = tracked["overhead"]
+    return {"steps": rounds * block, "rounds": rounds, "block_steps": block,
+            "plain_step_seconds": spread(times.seconds["none"])["median"],
+            "tracked_step_seconds": spread(times.seconds["tracker"])["median"],
+            "process_seconds": tracked["process_ms_per_step"] * 1e-3 * rounds * block,
+            "percent": 100 * ov["median"], "percent_quartiles": [100 * ov["q1"], 100 * ov["q3"]]}
 
 
 def pick_raw_weights(model, families, count: int, seed: int):

@@ -1,10 +1,12 @@
-"""Wall-clock timing shared by the commands: device synchronisation and the time of one training step."""
+"""Wall-clock timing shared by the commands: device synchronisation, the time of one training step, and the
+spread of repeated timings."""
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,3 +37,13 @@ def time_training_step(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Ten
         if i:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def spread(values: Sequence[Optional[float]]) -> Dict[str, float]:
+    """Median, quartiles (linear interpolation, as ``numpy.percentile``), min, max and count of the
+    values that are not None: how every repeated timing of ``train`` and ``bench`` is reported."""
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"median": math.nan, "q1": math.nan, "q3": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    q1, median, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else (v[0],) * 3
+    return {"median": median, "q1": q1, "q3": q3, "min": v[0], "max": v[-1], "n": len(v)}

@@ -193,6 +193,8 @@ class Graph:
                     node.outputs.append(self._new_value(o, "act", producer=node))
         if op in NORM_OPS:
             _norm_stats(node, leaves)
+        elif op == "add" and len(args) == 2:
+            _eps_stats(node, args)
         return out
 
     # ------------------------------------------------------------------ queries
@@ -271,6 +273,15 @@ _TORCH_TWINS = {torch.batch_norm: "batch_norm_aten", torch.instance_norm: "insta
                 torch.group_norm: "group_norm_aten", torch.layer_norm: "layer_norm_aten"}
 
 
+def normaliser_op(func) -> Optional[str]:
+    """``"batch_norm"``, ``"layer_norm"``, ... when ``func`` is one of the ``F`` normalisers, else None."""
+    try:
+        op = _BY_OBJECT.get(func)
+    except TypeError:          # unhashable callables
+        return None
+    return op if op in NORM_OPS else None
+
+
 def op_name(func) -> Tuple[str, bool]:
     """Canonical op name of a ``__torch_function__`` func, and whether its operands are swapped."""
     try:
@@ -345,7 +356,9 @@ SIGNATURES = {
     "leaky_relu": ("input", "negative_slope", "inplace"),
     "clamp": ("input", "min", "max"),
     "normalize": ("input", "p", "dim", "eps"),
-    "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+    "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    "addmm": ("input", "mat1", "mat2", "beta", "alpha"),
+    "baddbmm": ("input", "batch1", "batch2", "beta", "alpha"),
     "mha": ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
@@ -385,6 +398,15 @@ def _norm_stats(node: Node, leaves) -> None:
     except Exception:  # statistics are advisory; the rules recompute what they need
         node.stats["min_var"] = float("nan")
         node.stats["max_ratio"] = 1.0
+
+
+def _eps_stats(node: Node, args) -> None:
+    """``t + eps`` with a small positive number: max eps/(|t| + eps), for the eps tolerance rule when ``t``
+    turns out to be the variance of a normaliser written out by hand."""
+    t, c = args if isinstance(args[0], torch.Tensor) else args[::-1]
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and isinstance(c, float) and 0 < c < 1 and t.numel():
+        with torch._C.DisableTorchFunction():
+            node.stats["max_ratio"] = float((c / (t.detach().abs().double() + c)).max())
 
 
 class _Recorder(TorchFunctionMode):

@@ -32,7 +32,10 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
 
     Args:
         model: any ``nn.Module`` whose forward runs on ``example_inputs``.
-        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.  A model that
+            returns an object with a ``.loss`` tensor (a Hugging Face ``ModelOutput``, given labels:
+            ``{"input_ids": x, "labels": x}``) is trained with that loss, and it is used as is (unless
+            ``loss`` is a callable).
         loss: what the model is trained with; it decides the loss-dependent translation symmetry.
             ``"cross_entropy"`` (softmax + cross-entropy, with or without label smoothing: the
             classifier's columns and bias are translation groups), ``"mse"``, ``"bce"`` (no such

@@ -52,19 +52,19 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .. import _backend
 from ..plan import MomentPlan
 from ..views import strided
-from .capture import _BY_OBJECT, NORM_OPS, SIGNATURES, bind_args, capture
+from .capture import capture
+from .eps_limit import NormaliserWatch
+from .float64 import KeepFloat64
 from .family import SymmetryFamily
-from .residual import constraint_residual
+from .residual import family_residuals
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
-EPS_LIMIT = 1e-30
 LOSSES = ("cross_entropy", "mse", "bce", None)
 
 LossSpec = Union[str, None, Callable[[Any, Any], torch.Tensor]]
@@ -115,6 +115,15 @@ class ProofSetup:
     def loss_of(self, outputs) -> torch.Tensor:
         if callable(self.loss):
             return self.loss(outputs, self.targets)
+        own = getattr(outputs, "loss", None)
+        if not isinstance(outputs, torch.Tensor) and own is not None:
+            if not isinstance(own, torch.Tensor) or own.numel() != 1:
+                raise TypeError(f"the model returned {type(outputs).__name__} whose .loss is not a scalar tensor")
+            return own       # the model's own loss (a Hugging Face ModelOutput, given labels)
+        if not isinstance(outputs, torch.Tensor) and hasattr(outputs, "loss"):
+            raise TypeError(f"the model returned {type(outputs).__name__} without a loss: pass the labels in "
+                            f"example_inputs (e.g. {{'input_ids': x, 'labels': x}}) to use the model's own loss, "
+                            f"or loss=callable(outputs, targets) and targets=")
         if not isinstance(outputs, torch.Tensor):
             raise TypeError(f"loss={self.loss!r} needs the model to return one tensor, it returned "
                             f"{type(outputs).__name__}; pass loss=callable(outputs, targets) and targets=")
@@ -128,15 +137,15 @@ class ProofSetup:
         return F.mse_loss(outputs, self.targets)
 
     def capture(self):
-        with self.rng():
+        with self.rng(), KeepFloat64():
             return capture(self.model, self.args, self.kwargs, self.loss_of)
 
     def gradients(self, eps_limit: bool = False) -> Dict[int, torch.Tensor]:
         """Gradient of the loss on the example batch, per parameter (by id); ``eps_limit``: with every
         normaliser's eps replaced by EPS_LIMIT.  Sets ``has_normalisers``."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        watch = _NormWatch(eps_limit)
-        with self.rng(), watch:
+        watch = NormaliserWatch(eps_limit)
+        with self.rng(), KeepFloat64(), watch:
             loss = self.loss_of(self.model(*self.args, **self.kwargs))
         self.has_normalisers = watch.seen
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -166,35 +175,6 @@ def _random_targets(kind: str, out: torch.Tensor, seed: int) -> torch.Tensor:
     if kind == "bce":
         return torch.rand(out.shape, generator=gen, device=out.device, dtype=out.dtype)
     return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-
-
-class _NormWatch(TorchFunctionMode):
-    """Note whether the forward pass calls a normaliser; with ``limit``, replace the eps of every
-    normaliser call by EPS_LIMIT, where their symmetries are exact."""
-
-    def __init__(self, limit: bool):
-        super().__init__()
-        self.limit = limit
-        self.seen = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        op = _BY_OBJECT.get(func) if _hashable(func) else None
-        if op in NORM_OPS:
-            self.seen = True
-            if self.limit:
-                a = bind_args(SIGNATURES[op], args, kwargs)
-                a["eps"] = EPS_LIMIT
-                return func(**a)
-        return func(*args, **kwargs)
-
-
-def _hashable(f) -> bool:
-    try:
-        hash(f)
-        return True
-    except TypeError:
-        return False
 
 
 # ---------------------------------------------------------------------- validation
@@ -267,25 +247,15 @@ def group_residuals(families: Sequence[SymmetryFamily], named: Dict[str, torch.T
     zs = [grads_limit[id(p)] if (grads_limit is not None and id(p) in need_z) else None for p in plan.params]
     signed, unsigned = plan.group_moments(plan_moments(plan, ys, zs))
     n = plan.counts.to(signed.device)
-    out_y = _residuals(families, plan, signed, unsigned, n, _rms2(grads), (1, 4, 6))
+    out_y = family_residuals(families, plan, signed, unsigned, n, _rms2(grads), (1, 4, 6))
     out_z = [None] * len(families)
     if grads_limit is not None and any(limit_for):
         # The floor for negligible gradients comes from the real pass: with eps → 0 a channel whose
         # input is constant (a dead unit) gets a gradient of order 1/sqrt(1e-30), which would make a
         # floor taken from this pass swamp every other group and the check vacuous.
-        rz = _residuals(families, plan, signed, unsigned, n, _rms2(grads), (2, 5, 7))
+        rz = family_residuals(families, plan, signed, unsigned, n, _rms2(grads), (2, 5, 7))
         out_z = [r if flag else None for r, flag in zip(rz, list(limit_for) + [False] * len(families))]
     return out_y, out_z
-
-
-def _residuals(families, plan, signed, unsigned, n, gbar2, cols):
-    c_sum, c_sq, c_dot = cols
-    out = []
-    for fam, s, u, nn in zip(families, plan.split(signed), plan.split(unsigned), plan.split(n)):
-        translation = torch.full_like(nn, fam.kind == "translation", dtype=torch.bool)
-        res = constraint_residual(translation, s[:, c_sum], s[:, c_dot], u[:, 3], u[:, c_sq], nn, gbar2)
-        out.append(res.cpu())
-    return out
 
 
 def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Optional[float] = None,

@@ -26,3 +26,20 @@ def constraint_residual(translation: torch.Tensor, g_sum: torch.Tensor, g_dot_th
     num = torch.where(translation, g_sum, g_dot_theta).abs()
     den = g_norm * torch.where(translation, torch.sqrt(counts), torch.sqrt(theta_sq))
     return torch.where(num == 0, torch.zeros_like(num), num / den)
+
+
+def family_residuals(families, plan, signed: torch.Tensor, unsigned: torch.Tensor, counts: torch.Tensor,
+                     g_rms_sq, cols):
+    """Per-group residuals of every family of a :class:`~neural_mechanics_ext.plan.MomentPlan`, one CPU
+    tensor ``[K]`` per family, from its group moments (``signed``/``unsigned``, ``[G, 9]``).
+
+    ``cols = (sum, square, dot)`` names the moment columns that hold Σ g, Σ g² and ⟨g, θ⟩ (the ``y``
+    columns for the gradient of the model's pass, the ``z`` columns for a second gradient).
+    """
+    c_sum, c_sq, c_dot = cols
+    out = []
+    for fam, s, u, n in zip(families, plan.split(signed), plan.split(unsigned), plan.split(counts)):
+        translation = torch.full_like(n, fam.kind == "translation", dtype=torch.bool)
+        res = constraint_residual(translation, s[:, c_sum], s[:, c_dot], u[:, 3], u[:, c_sq], n, g_rms_sq)
+        out.append(res.cpu())
+    return out

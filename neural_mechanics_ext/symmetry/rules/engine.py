@@ -1,0 +1,41 @@
+"""Running the rule table over a captured graph: every source, and one source's propagation."""
+from __future__ import annotations
+
+from typing import List
+
+from ..capture import Graph
+from .registry import PROPAGATE, SOURCES
+from .state import SCALE, Dead, Propagation, Source, describe_op
+
+
+def find_sources(graph: Graph) -> List[Source]:
+    """Every place where a slice of parameters perturbs one axis of an op's output."""
+    out: List[Source] = []
+    for node in graph.nodes:
+        rule = SOURCES.get(node.op)
+        if rule is None or not graph.affects_loss(node) or node.opaque or not node.outputs \
+                or node.outputs[0] is None:
+            continue
+        out.extend(rule(node, graph))
+    return out
+
+
+def propagate(graph: Graph, src: Source) -> Propagation:
+    """Follow ``src`` forward through every call it reaches (raises :class:`Dead` when it dies)."""
+    prop = Propagation(graph, src)
+    prop.set(src.node.outputs[0], src.g, src.p)
+    for node in graph.nodes[src.node.index + 1:]:
+        if not any(v in prop.g for v in node.inputs) or not graph.affects_loss(node):
+            continue
+        if node.opaque:
+            raise Dead(node.opaque)
+        rule = PROPAGATE.get(node.op)
+        if rule is None:
+            what = "scaling" if prop.mode == SCALE else "shift"
+            raise Dead(f"{describe_op(node)} does not preserve the {what}")
+        args, kwargs = node.call_args()
+        prop.in_degrees = {prop.degree(v) for v in node.inputs if v in prop.g}
+        rule(prop, node, args, kwargs)
+    if graph.loss in prop.g:
+        raise Dead("the perturbation reaches the loss")
+    return prop

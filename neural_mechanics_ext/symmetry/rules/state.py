@@ -1,0 +1,310 @@
+"""What every op handler works on: the label tensors of one propagation, and the helpers they share.
+
+A propagation follows one :class:`Source` forward.  Each activation it reaches gets a *label tensor*
+``g`` (same shape; each element holds the group that perturbs it, ``-1`` for none) and, for a shift, a
+tensor ``p`` saying which shift value each element receives.  Handlers read and write these through
+:class:`Propagation`, merge groups that an op forces to move together (:meth:`Propagation.merge_rows`),
+record compensators (:meth:`Propagation.consume`) and absorbers, and raise :class:`Dead` when the
+perturbation reaches something that neither preserves nor absorbs it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ..capture import SIGNATURES, Graph, Node, Value, bind_args
+
+F64 = torch.float64
+SCALE, SHIFT = "scale", "shift"
+DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
+NORM_TAG = {"batch_norm": "BN", "instance_norm": "IN", "group_norm": "GN", "layer_norm": "LN",
+            "rms_norm": "RMSNorm", "normalize": "normalize", "cross_entropy": "cross-entropy",
+            "softmax": "softmax", "log_softmax": "log-softmax",
+            # a hand-written normaliser absorbs where the scaling cancels (x·rsqrt(...)) or the shift (x − μ)
+            "mul": "norm", "div": "norm", "sub": "norm", "var": "norm"}
+
+
+class Dead(Exception):
+    """The perturbation reached something that does not preserve or absorb it."""
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union_all(self, labels) -> None:
+        labels = [int(x) for x in labels]
+        r0 = self.find(labels[0])
+        for x in labels[1:]:
+            r = self.find(x)
+            if r != r0:
+                self.parent[max(r, r0)] = min(r, r0)
+                r0 = min(r, r0)
+
+    def table(self) -> torch.Tensor:
+        return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=F64)
+
+
+@dataclass
+class Source:
+    """Where a candidate starts: a call whose parameter slices act on one axis of its output."""
+
+    mode: str                       # SCALE or SHIFT
+    node: Node
+    layer: str
+    what: str                       # scale: "units"; shift: "bias", "columns", "rows"
+    k0: int                         # number of initial labels
+    g: torch.Tensor                 # labels of node.outputs[0]
+    p: Optional[torch.Tensor]       # shift only: which shift value each element receives
+    members: List[Tuple[str, Optional[torch.Tensor], int, Optional[Tuple[int, int, int]]]]
+
+
+class Propagation:
+    """The state of one source's propagation: labels per reached value, merged groups, the compensators
+    (consumers) and absorbers met so far."""
+
+    def __init__(self, graph: Graph, src: Source):
+        self.graph = graph
+        self.src = src
+        self.mode = src.mode
+        self.uf = UnionFind(src.k0)
+        self.g: Dict[Value, torch.Tensor] = {}
+        self.p: Dict[Value, torch.Tensor] = {}
+        self.absorbers: List[Node] = []
+        self.consumers: List[Tuple[Node, str, torch.Tensor]] = []
+        self.joined: List[Tuple[str, torch.Tensor]] = []     # parameters scaled with the source
+        # A scaling reaches an element as α^d: d = 1 from a source, other powers after pow/sqrt/rsqrt or a
+        # product of two scaled tensors (a hand-written normaliser); d = 0 is invariance.
+        self.deg: Dict[Value, float] = {}
+        self.in_degrees = {1.0}                               # of the reached inputs of the current call
+        self.forced: Optional[str] = None
+        self.approx: List[Tuple[str, float, float, int]] = []
+        self.composite = float(2 ** 40)     # next fresh shift label for a mixture of shifts
+
+    # -- labels
+    def reached(self, v) -> bool:
+        return isinstance(v, Value) and v in self.g
+
+    def lab(self, v: Value) -> torch.Tensor:
+        return self.g[v] if v in self.g else torch.full(v.shape, -1.0, dtype=F64)
+
+    def plab(self, v: Value) -> torch.Tensor:
+        return self.p[v] if v in self.p else torch.full(v.shape, -1.0, dtype=F64)
+
+    def degree(self, v: Value) -> float:
+        return self.deg.get(v, 1.0)
+
+    def set(self, v: Optional[Value], g: torch.Tensor, p: Optional[torch.Tensor] = None,
+            degree: Optional[float] = None) -> None:
+        """Give ``v`` the labels ``g`` (and shifts ``p``), scaled to the power ``degree`` (default: the
+        power of the call's reached inputs, which must agree)."""
+        if v is None:
+            return
+        if tuple(g.shape) != tuple(v.shape):
+            raise Dead(f"internal: label shape {tuple(g.shape)} != {tuple(v.shape)}")
+        if degree is None:
+            if len(self.in_degrees) != 1:
+                raise Dead(f"{describe_op(v.producer)} combines tensors scaled to different powers")
+            degree = next(iter(self.in_degrees))
+        self.deg[v] = degree
+        self.g[v] = g
+        if self.mode == SHIFT:
+            self.p[v] = p
+
+    def set_bcast(self, node: Node, out: Value, lab: torch.Tensor) -> None:
+        try:
+            self.set(out, torch.broadcast_to(lab, out.shape).clone())
+        except RuntimeError:
+            raise Dead(f"cannot follow {describe_op(node)} on labels") from None
+
+    def canon(self, g: torch.Tensor) -> torch.Tensor:
+        t = self.uf.table()
+        out = g.clone()
+        m = g >= 0
+        out[m] = t[g[m].long()]
+        return out
+
+    def only_first_reached(self, node: Node, first) -> None:
+        for v in node.inputs:
+            if v in self.g and v is not first:
+                raise Dead(f"{describe_op(node)} reads the perturbed tensor through a second argument")
+
+    def no_shift(self, node: Node) -> None:
+        if self.mode == SHIFT:
+            raise Dead(f"{describe_op(node)} does not preserve a shift")
+
+    # -- merging
+    def merge_rows(self, rows: torch.Tensor, what: str, allow_unreached: bool = False) -> torch.Tensor:
+        """Groups in one row must move together: merge them.  Returns one label per row."""
+        if rows.numel() == 0:
+            return rows.new_full((rows.shape[0],), -1.0)
+        lo, hi = rows.min(1).values, rows.max(1).values
+        if not allow_unreached and bool(((lo < 0) & (hi >= 0)).any()):
+            raise Dead(f"{what} mixes elements that are perturbed with elements that are not")
+        if allow_unreached:
+            lo = torch.where(rows >= 0, rows, torch.full_like(rows, float("inf"))).min(1).values
+            lo = torch.where(hi >= 0, lo, hi)
+        mixed = (lo != hi) & (hi >= 0)
+        if bool(mixed.any()):
+            for row in torch.unique(rows[mixed], dim=0):
+                vals = torch.unique(row[row >= 0])
+                if len(vals) > 1:
+                    self.uf.union_all(vals.tolist())
+        return hi
+
+    def columns(self, lab: torch.Tensor, where: str) -> torch.Tensor:
+        """One label per index of the last axis, merged over all other axes."""
+        rows = lab.reshape(-1, lab.shape[-1]).t()
+        return self.merge_rows(rows, where)
+
+    def channels(self, lab: torch.Tensor, where: str) -> torch.Tensor:
+        """One label per index of axis 1 (channels), merged over all other axes."""
+        rows = lab.transpose(0, 1).reshape(lab.shape[1], -1)
+        return self.merge_rows(rows, where)
+
+    def combine(self, prow: torch.Tensor, mean: bool) -> torch.Tensor:
+        """Shift label after averaging/summing a row: a new label per distinct multiset of shifts."""
+        srt = prow.sort(1).values
+        const = srt[:, 0] == srt[:, -1]
+        uniq, inv = torch.unique(srt, dim=0, return_inverse=True)
+        out = self.composite + inv.to(F64)
+        self.composite += len(uniq)
+        if mean:
+            out = torch.where(const, srt[:, 0], out)
+        return torch.where(srt.max(1).values < 0, torch.full_like(out, -1.0), out)
+
+    # -- outcomes
+    def consume(self, node: Node, w: Value, cmap: torch.Tensor) -> None:
+        """``w``'s slices ``cmap`` compensate the scaling: they join the family with sign −1."""
+        if self.in_degrees != {1.0}:
+            raise Dead(f"{describe_op(node)} reads a tensor scaled to a power other than 1, which its weights "
+                       f"cannot compensate")
+        self.consumers.append((node, w.name, cmap.to(F64)))
+
+    def join(self, node: Node, w: Value, cmap: torch.Tensor) -> None:
+        """``w``'s slices ``cmap`` scale with the source (a bias added after a scaled weight): they join
+        the family with sign +1."""
+        if self.in_degrees != {1.0}:
+            raise Dead(f"{describe_op(node)} adds {w.name} to a tensor scaled to a power other than 1")
+        self.joined.append((w.name, cmap.to(F64)))
+
+    def rerun(self, node: Node, labels: Dict[Value, torch.Tensor]):
+        """Replay a data-movement call on label tensors; returns its flattened outputs."""
+        def sub(v: Value):
+            if v in labels:
+                return labels[v]
+            if v.tensor is not None:
+                return v.tensor
+            return torch.full(v.shape, -1.0, dtype=F64)
+
+        args, kwargs = node.call_args(sub)
+        try:
+            res = node.func(*args, **kwargs)
+        except Exception as exc:
+            raise Dead(f"cannot follow {describe_op(node)} on labels ({exc})") from None
+        leaves = tree_flatten(res)[0]
+        if len(leaves) != len(node.outputs):
+            raise Dead(f"cannot follow {describe_op(node)}: unexpected outputs")
+        return leaves
+
+
+# ---------------------------------------------------------------------- helpers shared by handlers
+def layer_name(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def describe_op(node: Node) -> str:
+    return f"{node.op} in {node.module}" if node.module else node.op
+
+
+def op_layer(node: Node, graph: Graph) -> str:
+    """The module that ran the call (forward hooks), else the owner of its weight, else the op."""
+    if node.module:
+        return node.module
+    a = bind(node)
+    for key in ("weight", "in_proj_weight", "q_proj_weight", "bias"):
+        v = param(a.get(key))
+        if v is not None:
+            return layer_name(v.name)
+    for v in node.inputs:
+        if v.kind == "param":
+            return layer_name(v.name)
+    return f"{node.op}#{node.index}"
+
+
+def signature(op: str) -> Tuple[str, ...]:
+    """The positional argument names of ``op`` (by family: every conv shares one signature)."""
+    if op.startswith("conv_transpose"):
+        return SIGNATURES["conv_transpose"]
+    if op.startswith("conv"):
+        return SIGNATURES["conv"]
+    if op in ("softmax", "log_softmax"):
+        return SIGNATURES["softmax"]
+    if op in DROPOUT or op in ("alpha_dropout", "feature_alpha_dropout"):
+        return SIGNATURES["dropout"]
+    if op.startswith("avg_pool"):
+        return SIGNATURES["avg_pool"]
+    if op.startswith("adaptive_"):
+        return SIGNATURES["adaptive_pool"]
+    if op in ("mean", "sum"):
+        return SIGNATURES["reduce"]
+    if op in ("clamp", "clamp_min"):
+        return SIGNATURES["clamp"]
+    if op == "scaled_dot_product_attention":
+        return SIGNATURES["sdpa"]
+    if op == "multi_head_attention_forward":
+        return SIGNATURES["mha"]
+    return SIGNATURES.get(op, ("input",))
+
+
+def bind(node: Node, args=None, kwargs=None) -> dict:
+    """The call's arguments by name (Values kept)."""
+    if args is None:
+        args, kwargs = node.call_args()
+    return bind_args(signature(node.op), args, kwargs)
+
+
+def param(v) -> Optional[Value]:
+    return v if isinstance(v, Value) and v.kind == "param" else None
+
+
+def fibers(lab: torch.Tensor, dims) -> Tuple[torch.Tensor, List[int]]:
+    """``lab`` as rows over ``dims`` (one row per index of the other axes) and the other axes' sizes."""
+    nd = lab.dim()
+    dims = [d % nd for d in dims]
+    keep = [d for d in range(nd) if d not in dims]
+    size = math.prod(lab.shape[d] for d in dims)
+    rows = lab.permute(keep + dims).reshape(-1, size) if nd else lab.reshape(1, 1)
+    return rows, [lab.shape[d] for d in keep]
+
+
+def constant_rows(rows: torch.Tensor) -> bool:
+    return bool((rows.min(1).values == rows.max(1).values).all())
+
+
+def axis_labels(shape, dim: int, n: int) -> torch.Tensor:
+    view = [1] * len(shape)
+    view[dim] = n
+    return torch.arange(n, dtype=F64).view(view).expand(shape).clone()
+
+
+def position_labels(shape, cdim: int) -> torch.Tensor:
+    """Label of the position an element sits at, ignoring the channel/feature axis ``cdim``."""
+    sizes = list(shape)
+    sizes[cdim] = 1
+    pos = torch.arange(math.prod(sizes), dtype=F64).view(sizes)
+    return pos.expand(shape).clone()
+
+
+def is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
