@@ -9,9 +9,11 @@ For ``multi_head_attention_forward`` the input projections read the perturbed te
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-from .state import F64, Dead, bind, describe_op, fibers, param
+from .state import F64, SCALE, Dead, Source, bind, describe_op, fibers, op_layer, param
 
 
 def mha(prop, node, args, kwargs) -> None:
@@ -94,3 +96,28 @@ def sdpa(prop, node, args, kwargs) -> None:
         # grouped-query attention: query head h reads kv head h // (H / G)
         rep = rep.repeat_interleave(out.shape[-3] // v.shape[-3], dim=-3)
     prop.set_bcast(node, out, rep)
+
+
+def mha_sources(node, graph) -> List[Source]:
+    """The symmetries ``multi_head_attention_forward`` compensates inside the call (its output is
+    unchanged): Q/K, query row ``j`` of the packed ``in_proj_weight`` (and bias) × α against key row
+    ``E + j`` × 1/α (no rotary embedding inside), and V/O, value row ``2E + j`` (and bias) × α against
+    column ``j`` of ``out_proj_weight`` × 1/α.  Not with separate projection weights, ``bias_k``/``bias_v``
+    (an extra key and value that no row scales) or with a parameter read twice."""
+    a = bind(node)
+    w, b, wo = param(a.get("in_proj_weight")), param(a.get("in_proj_bias")), param(a.get("out_proj_weight"))
+    if w is None or wo is None or a.get("use_separate_proj_weight", False) \
+            or a.get("bias_k") is not None or a.get("bias_v") is not None:
+        return []
+    E = w.shape[0] // 3
+    layer = op_layer(node, graph)
+
+    def rows(first, sign):      # rows first … first+E−1 of the packed weight (and bias) are groups 0 … E−1
+        cm = torch.full((3 * E,), -1, dtype=torch.long)
+        cm[first:first + E] = torch.arange(E)
+        out = [(w.name, cm.view(-1, 1).expand(w.shape), sign, None)]
+        return out + ([(b.name, cm, sign, None)] if b is not None else [])
+    qk = rows(0, 1) + rows(E, -1)
+    vo = rows(2 * E, 1) + [(wo.name, torch.arange(E).view(1, -1).expand(wo.shape), -1, None)]
+    return [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
+            for what, members in (("query·key", qk), ("value·output", vo))]

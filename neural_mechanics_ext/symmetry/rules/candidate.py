@@ -82,7 +82,7 @@ def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List
     if prop.consumers:
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
     if prop.paired:     # query·key: the inverse side is part of the source
-        return "rescale", f"{src.layer} (rescale, query·key)"
+        return "rescale", f"{src.layer} (rescale, {src.what})"
     tags = list(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
     return "scale", f"{src.layer} (scale, {', '.join(tags)})"
 

@@ -29,6 +29,9 @@ def find_sources(graph: Graph) -> List[Source]:
 def propagate(graph: Graph, src: Source) -> Propagation:
     """Follow ``src`` forward through every call it reaches (raises :class:`Dead` when it dies)."""
     prop = Propagation(graph, src)
+    if src.inside:
+        prop.paired.append(src.node)
+        return prop
     prop.set(src.node.outputs[0], src.g, src.p)
     for v, g in src.more:
         prop.set(v, g)

@@ -53,6 +53,7 @@ SOURCES: Dict[str, Callable[..., List[Source]]] = {
     **dict.fromkeys(("addmm", "einsum"), linear.contraction_sources),
     "matmul": query_key.matmul_sources,
     "scaled_dot_product_attention": query_key.sources,
+    "multi_head_attention_forward": attention.mha_sources,
     "embedding": linear.embedding_sources,
     "mul": elementwise.mul_sources,
     "add": elementwise.add_sources,

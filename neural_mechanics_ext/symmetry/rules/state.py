@@ -91,6 +91,8 @@ class Source:
     # further activations perturbed from the start, with their labels (a query·key source starts at both
     # projections)
     more: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
+    # compensated inside the call (attention in one call): the output is unchanged, ``g`` is None
+    inside: bool = False
 
 
 class Propagation:
