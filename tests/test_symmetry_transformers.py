@@ -332,13 +332,20 @@ def test_near_misses_fail_the_finite_check():
         SymmetryFamily("rescale", "q ↔ k per dimension", [(f"{Q}.self_attn.q_proj.weight", (1, D, D), 1),
                                                           (f"{Q}.self_attn.k_proj.weight", (1, D, D), -1)]),
     ]
+    gqa, A = llama(2, "eager"), f"{Q}.self_attn"
+    misses_gqa = [      # 2 kv heads, query heads 0 and 1 read kv head 0 (d = 4, rotation pairs (i, i + 2))
+        SymmetryFamily("rescale", "Q/K of one query head", [(f"{A}.q_proj.weight", (2, 2, D, 0, 2 * D), 1),
+                                                            (f"{A}.k_proj.weight", (2, 2, D, 0, 2 * D), -1)]),
+        SymmetryFamily("rescale", "V/O missing a head", [(f"{A}.v_proj.weight", (1, 4, D, 0, 4 * D), 1),
+                                                         (f"{A}.o_proj.weight", (D, 4, 1, 0, D), -1)]),
+    ]
     g2 = gpt2(tied=True)
     misses_gpt2 = [
         SymmetryFamily("rescale", "LN γ without β", [("transformer.h.0.ln_1.weight", (1, E, 1), 1),
                                                      ("transformer.h.0.attn.c_attn.weight", (1, E, 3 * E), -1)]),
         SymmetryFamily("translation", "tied lm_head columns", [("lm_head.weight", (V, E, 1), 1)]),
     ]
-    for m, fams in ((model, misses), (g2, misses_gpt2)):
+    for m, fams in ((model, misses), (gqa, misses_gqa), (g2, misses_gpt2)):
         for f in fams:
             with pytest.raises(AssertionError):
                 check_finite_transformation(m, f)
