@@ -18,8 +18,8 @@ Full = Tuple[int, int, int, int, int]  # (A, K, B, offset, a_stride)
 
 def full(view: Sequence[int], numel: Optional[int] = None, where: str = "view", tensor: str = "the tensor") -> Full:
     """The view as ``(A, K, B, offset, a_stride)``, checked against a tensor of ``numel`` elements when
-    given; a ``ValueError`` naming ``where`` (the view) and ``tensor`` otherwise.  ``a_stride`` of a view with ``A == 1`` means nothing
-    and becomes ``K*B``."""
+    given; a ``ValueError`` naming ``where`` (the view) and ``tensor`` otherwise.  ``a_stride`` of a view
+    with ``A <= 1`` means nothing and becomes ``K*B``."""
     if isinstance(view, (str, bytes)) or not hasattr(view, "__len__") or len(view) not in (3, 5):
         raise ValueError(f"{where} = {view!r} is not (A, K, B) or (A, K, B, offset, a_stride)")
     try:

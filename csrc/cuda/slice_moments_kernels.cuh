@@ -10,7 +10,7 @@
 // where alignment allows; all arithmetic is in double.  A second, tiny kernel sums every output row's
 // slots in the plan's order, so results are deterministic and the data is read exactly once.
 //
-// Items of tensors with COL views need 36 accumulators per lane; the others need none, so the two
+// Items that fold into COL views need 36 accumulators per lane; the others need none, so the two
 // kinds run as two launches of one templated kernel and the register-light one keeps more loads in
 // flight.
 #pragma once
