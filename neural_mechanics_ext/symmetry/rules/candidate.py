@@ -101,7 +101,7 @@ def _members(src: Source, prop: Propagation):
         return [whole], []
     if any(view is not None for _, _, _, view in maps):
         return [], ["a member with a fixed view meets members that need views of part of a tensor"]
-    entries = []        # (name, flat group map, sign), one per parameter and parity
+    entries = []        # (name, elements by group, sign, numel), one per parameter and parity
     for pn, cm, sign, _ in maps:
         flat = cm.reshape(-1).long()
         root = torch.where(flat >= 0, table[flat.clamp(min=0)], torch.full_like(flat, -1))
