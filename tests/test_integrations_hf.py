@@ -22,6 +22,7 @@ from neural_mechanics_ext import SymmetryFamily, find_symmetries  # noqa: E402
 from neural_mechanics_ext.integrations.core import STATE_FILE, scalar_key  # noqa: E402
 from neural_mechanics_ext.integrations.huggingface import SymmetryCallback  # noqa: E402
 from neural_mechanics_ext.sinks import read_run  # noqa: E402
+from neural_mechanics_ext.views import full, strided  # noqa: E402
 
 STEPS, ACCUMULATION, BATCH = 4, 2, 2
 
@@ -62,10 +63,11 @@ class Reference(TrainerCallback):
         values, grads = {}, {}
         for f in self.symmetry.tracker.families:
             v = g = 0
-            for name, (a, k, b), sign in f.members:
-                p = named[name].detach().double().reshape(a, k, b)
+            for name, view, sign in f.members:     # views of part of a tensor too (Q/K, V/O under GQA)
+                cut = full(view, named[name].numel())
+                p = strided(named[name].detach().double().reshape(-1), cut)
                 v = v + (sign * p.pow(2).sum((0, 2)) if f.kind != "translation" else p.sum((0, 2)))
-                g = g + named[name].grad.double().reshape(a, k, b).pow(2).sum((0, 2))
+                g = g + strided(named[name].grad.double().reshape(-1), cut).pow(2).sum((0, 2))
             values[f.name], grads[f.name] = v.numpy(), g.numpy()
         self.values.append(values)
         self.grad_sq.append(grads)

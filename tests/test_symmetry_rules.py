@@ -110,14 +110,51 @@ def test_add_joins_equal_scalings_and_refuses_residual_joins():
     g = trace(lambda m, x, y: x + y, torch.randn(2, 4), torch.randn(2, 4))
     prop, node = run(g, "add", [CH, CH])
     assert torch.equal(out_labels(prop, node), CH.expand(2, 4))
-    with pytest.raises(Dead, match="different groups"):
-        run(g, "add", [CH, CH.flip(0)])
+    # x + flip(x) (a rotary embedding adds q·cos and rotate_half(q)·sin): channel k and 3 − k merge
+    prop, _ = run(g, "add", [CH, CH.flip(0)])
+    assert roots(prop)[:4] == [0, 1, 1, 0]
     with pytest.raises(Dead, match="does not scale"):
         run(g, "add", [CH, None])
     prop, node = run(g, "add", [CH, None], mode=SHIFT, shifts=[[0.0], None])    # a shifted stream + x
     assert torch.equal(out_labels(prop, node), CH.expand(2, 4))
     with pytest.raises(Dead, match="two shifted"):
         run(g, "add", [CH, CH], mode=SHIFT, shifts=[[0.0], [0.0]])
+
+
+def test_query_key_product_pairs_each_query_index_with_the_inverse_key_index():
+    # q @ kᵀ with q's feature j labelled j and k's feature j labelled 4 + j: joined with odd parity, the
+    # product is unchanged (not reached); the same key meeting a scaled and an unscaled query index is not
+    g = trace(lambda m, q, k: q @ k.transpose(-1, -2), torch.randn(3, 4), torch.randn(5, 4))
+    kt = (CH + 4).view(4, 1)                 # labels of kᵀ [4, 5]: feature j on the rows
+    prop, node = run(g, "matmul", [CH, kt], nth=0)
+    assert node.outputs[0] not in prop.g and prop.paired == [node]
+    table, odd = roots(prop), prop.uf.parities().tolist()
+    assert table == [0, 1, 2, 3, 0, 1, 2, 3] and odd == [0, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(Dead, match="unperturbed"):
+        run(g, "matmul", [torch.tensor([0.0, 1, 2, -1], dtype=F64), kt], nth=0)
+
+
+def test_sdpa_with_grouped_query_heads_pairs_every_query_head_with_its_kv_head():
+    # 4 query heads, 2 kv heads (enable_gqa): query head h, dim i ↔ kv head h // 2, dim i
+    q, k = torch.randn(1, 4, 3, 2), torch.randn(1, 2, 3, 2)
+    g = trace(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q, k, k.clone())
+    ql = torch.arange(8.0, dtype=F64).view(1, 4, 1, 2)
+    kl = (8 + torch.arange(4.0, dtype=F64)).view(1, 2, 1, 2)
+    prop, node = run(g, "scaled_dot_product_attention", [ql, kl, None], k0=12)
+    table, odd = roots(prop), prop.uf.parities().tolist()
+    assert table == [0, 1, 0, 1, 4, 5, 4, 5, 0, 1, 4, 5] and odd == [0] * 8 + [1] * 4
+    with pytest.raises(Dead, match="alone"):
+        run(g, "scaled_dot_product_attention", [ql, None, None], k0=12)
+
+
+def test_a_group_cannot_be_scaled_by_alpha_and_its_inverse():
+    from neural_mechanics_ext.symmetry.rules.state import UnionFind
+    uf = UnionFind(3)
+    uf.union(0, 1, odd=1)
+    uf.union(1, 2, odd=1)
+    assert uf.find(2) == (0, 0)
+    with pytest.raises(Dead, match="1/α"):
+        uf.union(0, 2, odd=1)
 
 
 def test_mul_div_carry_a_scaling_through_an_unperturbed_factor():
@@ -241,7 +278,7 @@ def test_matmul_with_a_parameter_compensates_and_with_an_activation_carries_labe
     assert torch.equal(prop.consumers[0][2], CH.view(1, 4).expand(2, 4))
     prop, node = run(g, "matmul", [torch.arange(2.0).view(2, 1), None], nth=2)   # x's rows survive
     assert torch.equal(out_labels(prop, node), torch.tensor([[0.0, 0], [1, 1]]))
-    with pytest.raises(Dead, match="two perturbed"):
+    with pytest.raises(Dead, match="α and by 1/α"):    # x @ y, both scaled by the same groups: not invariant
         run(g, "matmul", [CH, CH.view(4, 1)], nth=2)
 
 

@@ -4,13 +4,17 @@ attention, grouped-query attention), float64, train mode, dropout 0, with the mo
 
 Every expected family is derived by hand below (THEORY_TRANSFORMERS.md), each is proved by the library and
 checked here independently by its finite transformation (random α per group applied to a float64 copy,
-the loss must not move).  Families that need views addressing part of a tensor (Q/K halves of the fused
-``c_attn``, RoPE pairs, V/O under grouped-query attention) and the joint symmetries (residual stream) are
-not found yet: where a candidate needs such a view it is refused with the reason.
+the loss must not move).  Attention: Q/K per (head, dim) — per (kv head, rotation pair) under RoPE, with
+every query head sharing the kv head — and V/O per (kv head, dim) with the o_proj columns of every query
+head of the group, for separate projections (Llama, Qwen2, Mistral, BERT), the fused ``c_attn`` of GPT-2,
+timm's fused ``qkv`` and ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (torchvision ViT), the same
+with ``eager`` and ``sdpa`` attention.  Views ``(A, K, B, offset, a_stride)`` address the parts.  Not found
+yet: key-bias translations, the residual stream's scale, BERT's post-LN segment rescales, the class token.
 """
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -18,6 +22,7 @@ import torch
 
 from neural_mechanics_ext import find_symmetries
 from neural_mechanics_ext.symmetry.float64 import KeepFloat64
+from neural_mechanics_ext.views import full, strided
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -44,12 +49,19 @@ def fam_set(families):
 def discover(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # HF config warnings
-        return find_symmetries(model, BATCH, return_rejected=True)
+        return find_symmetries(model, BATCH, return_rejected=True, prove=not os.environ.get("NOPROVE"))
+
+
+IMAGES = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+CLASSES = torch.tensor([0, 2])
 
 
 def loss_of(model):
     with KeepFloat64(), torch.no_grad():     # HF's RMSNorm casts to float32: keep the check float64
-        return float(model(**BATCH).loss)
+        if isinstance(model, transformers.PreTrainedModel):
+            return float(model(**BATCH).loss if "Causal" in type(model).__name__ or "LMHead" in type(model).__name__
+                         else model(input_ids=TOKENS, labels=CLASSES).loss)
+        return float(torch.nn.functional.cross_entropy(model(IMAGES), CLASSES))
 
 
 def check_finite_transformation(model, fam, seed=0):
@@ -64,8 +76,8 @@ def check_finite_transformation(model, fam, seed=0):
     else:
         alpha = torch.rand(k, generator=gen, dtype=torch.float64) * 1.5 + 0.5
     with torch.no_grad():
-        for name, (a, kk, b), sign in fam.members:
-            th = named[name].view(a, kk, b)
+        for name, view, sign in fam.members:
+            th = strided(named[name].data.view(-1), full(view, named[name].numel()))
             if fam.kind == "translation":
                 th += sign * alpha.view(1, k, 1)
             else:
@@ -79,6 +91,17 @@ def check_proved(model, fams):
     for f in fams:
         assert f.residual <= f.tolerance == 1e-8, (f.name, f.residual)     # all exact: no normaliser absorbs
         check_finite_transformation(model, f)
+
+
+def perturb(model):
+    """Non-trivial normaliser affines and biases, so no check passes by accident."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any("norm" in t or t.startswith("ln") for t in n.lower().split(".")[:-1]):
+                p.copy_(torch.rand_like(p) + 0.5 if n.endswith("weight") else torch.randn_like(p) * 0.1)
+            elif n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
 
 
 # ---------------------------------------------------------------------- GPT-2
@@ -100,25 +123,33 @@ def gpt2_expected(tied: bool):
     * ln_1 (γ, β) channel j ↔ c_attn row j, ln_2 ↔ c_fc row j (rescale; the readers' ROWS are their inputs);
     * attn.c_proj and mlp.c_proj write the residual stream, which only LayerNorms read: shifting input row j
       of W adds α·x_j to every channel of a position (translation, rows), and their bias shifted as a whole
-      (one group: the LayerNorms merge the channels).
+      (one group: the LayerNorms merge the channels);
+    * Q/K (rescale, E groups j = h·d + i; no RoPE, no GQA, so one family): c_attn column j and bias j
+      (query) × α, column E + j and bias E + j (key) × 1/α.  Column j of W [E, 3E] is the flat elements
+      j + r·3E: view (E, E, 1, 0, 3E); the key block starts at E;
+    * V/O (rescale, E groups): c_attn column 2E + j and bias 2E + j ↔ attn.c_proj row j (its input).
     Plus wpe rows (a position's shift is uniform over channels), and when untied: wte rows, ln_f ↔ lm_head
     columns (rescale), lm_head columns (translation: cross-entropy).  Tied, the last three are refused (the
-    same tensor is the embedding and the lm_head).  Not found, and not symmetries per channel: c_attn's
-    output units (Q/K/V of one fused tensor: per-head Q/K and V/O need views of part of c_attn), c_fc's
-    (GELU is not homogeneous), any LayerNorm β alone (it reaches a Conv1D, not an absorber).
-    16 families untied (2 + 6 L + 2), 13 tied."""
+    same tensor is the embedding and the lm_head).  Not symmetries: c_fc's units (GELU is not homogeneous),
+    any LayerNorm β alone (it reaches a Conv1D, not an absorber).  Not found yet: the key-bias translation.
+    20 families untied (1 + 8 L + 3), 17 tied (1 + 8 L)."""
     h = "transformer.h"
     fams = {S("translation", W("transformer.wpe.weight", (1, 8, E)))}
     for i in range(L):
+        a = f"{h}.{i}.attn"
         fams |= {
             S("rescale", W(f"{h}.{i}.ln_1.weight", (1, E, 1)), W(f"{h}.{i}.ln_1.bias", (1, E, 1)),
-              W(f"{h}.{i}.attn.c_attn.weight", (1, E, 3 * E), -1)),
+              W(f"{a}.c_attn.weight", (1, E, 3 * E), -1)),
             S("rescale", W(f"{h}.{i}.ln_2.weight", (1, E, 1)), W(f"{h}.{i}.ln_2.bias", (1, E, 1)),
               W(f"{h}.{i}.mlp.c_fc.weight", (1, E, 4 * E), -1)),
-            S("translation", W(f"{h}.{i}.attn.c_proj.weight", (1, E, E))),
-            S("translation", W(f"{h}.{i}.attn.c_proj.bias", (1, 1, E))),
+            S("translation", W(f"{a}.c_proj.weight", (1, E, E))),
+            S("translation", W(f"{a}.c_proj.bias", (1, 1, E))),
             S("translation", W(f"{h}.{i}.mlp.c_proj.weight", (1, 4 * E, E))),
             S("translation", W(f"{h}.{i}.mlp.c_proj.bias", (1, 1, E))),
+            S("rescale", W(f"{a}.c_attn.weight", (E, E, 1, 0, 3 * E)), W(f"{a}.c_attn.bias", (1, E, 1, 0, E)),
+              W(f"{a}.c_attn.weight", (E, E, 1, E, 3 * E), -1), W(f"{a}.c_attn.bias", (1, E, 1, E, E), -1)),
+            S("rescale", W(f"{a}.c_attn.weight", (E, E, 1, 2 * E, 3 * E)), W(f"{a}.c_attn.bias", (1, E, 1, 2 * E, E)),
+              W(f"{a}.c_proj.weight", (1, E, E), -1)),
         }
     if not tied:
         fams |= {
@@ -136,7 +167,7 @@ def test_gpt2(tied, attn):
     model = gpt2(tied, attn)
     fams, rejected = discover(model)
     expected = gpt2_expected(tied)
-    assert len(expected) == (13 if tied else 16)
+    assert len(expected) == (17 if tied else 20)
     assert fam_set(fams) == expected
     check_proved(model, fams)
     tied_refusals = [r for r in rejected if "is tied" in r.reason]
@@ -157,19 +188,59 @@ def llama(kv_heads: int, attn: str, tied: bool = False):
     return model
 
 
-def llama_expected(kv_heads: int, tied: bool):
-    """Width D = 16, 4 query heads of dim 4, intermediate 24, no biases.  Per layer:
+def attention_expected(prefix: str, D: int, H: int, G: int, d: int, rope: bool, bias: bool):
+    """Q/K and V/O of one attention layer with separate q/k/v/o projections (H query heads, G kv heads of
+    dim d, n = H/G query heads per kv head; W [out, in] so a row is D flat elements).
+    * Q/K: query row h·d + i ↔ key row g·d + i, for every query head h of kv head g (they all meet that
+      key).  Under RoPE (HF rotate_half: dims i and i + d/2 rotate together) the group is the rotation pair:
+      rows i and i + d/2 of each of the n query heads, i.e. the flat rows g·n·d + a·d/2 + i for a < 2n —
+      view (2n, d/2, D, g·n·d·D, d/2·D) — against key rows (2, d/2, D, g·d·D, d/2·D); groups i < d/2 of
+      one kv head form a family (the next kv head's rows are not a further slice of the same view).
+      Without RoPE and GQA: query row j ↔ key row j, one family of whole-tensor views.
+    * V/O: value row g·d + i ↔ o_proj column h·d + i for every query head h of kv head g: view
+      (1, d, D, g·d·D, d·D) of v_proj, one (D, d, 1, h·d, H·d) of o_proj per query head; one family per kv
+      head.  Without GQA: v_proj rows (1, D·, D) ↔ o_proj columns (H·d, H·d, 1), one family.
+    Biases (Qwen2: q, k, v) move with their rows."""
+    q, k, v, o = (f"{prefix}.{x}_proj" for x in "qkvo")
+    n, hd = H // G, H * d
+    fams = set()
+    if rope:
+        for g in range(G):
+            m = [W(f"{q}.weight", (2 * n, d // 2, D, g * n * d * D, d // 2 * D)),
+                 W(f"{k}.weight", (2, d // 2, D, g * d * D, d // 2 * D), -1)]
+            if bias:
+                m += [W(f"{q}.bias", (2 * n, d // 2, 1, g * n * d, d // 2)),
+                      W(f"{k}.bias", (2, d // 2, 1, g * d, d // 2), -1)]
+            fams.add(S("rescale", *m))
+    else:
+        assert G == H
+        m = [W(f"{q}.weight", (1, hd, D)), W(f"{k}.weight", (1, hd, D), -1)]
+        m += [W(f"{q}.bias", (1, hd, 1)), W(f"{k}.bias", (1, hd, 1), -1)] if bias else []
+        fams.add(S("rescale", *m))
+    if G == H:
+        m = [W(f"{v}.weight", (1, hd, D)), W(f"{o}.weight", (D, hd, 1), -1)]
+        fams.add(S("rescale", *(m + ([W(f"{v}.bias", (1, hd, 1))] if bias else []))))
+    else:
+        for g in range(G):
+            m = [W(f"{v}.weight", (1, d, D, g * d * D, d * D))]
+            m += [W(f"{v}.bias", (1, d, 1, g * d, d))] if bias else []
+            m += [W(f"{o}.weight", (D, d, 1, h * d, hd), -1) for h in range(g * n, (g + 1) * n)]
+            fams.add(S("rescale", *m))
+    return fams
+
+
+def llama_expected(kv_heads: int, tied: bool, bias: bool = False):
+    """Width D = 16, 4 query heads of dim 4, intermediate 24.  Per layer:
     * input_layernorm γ_j (HF writes RMSNorm by hand: x·rsqrt(mean(x²) + eps), then weight·x) ↔ column j of
       q, k and v_proj (rescale);
     * post_attention_layernorm γ_j ↔ column j of gate and up_proj (rescale);
     * SwiGLU: up_proj row i ↔ down_proj column i (silu(gate)·up is linear in up; gate ↔ down is not);
-    * V/O: v_proj row (g, i) ↔ the o_proj columns (h, i) of every query head h reading kv head g.  Without
-      GQA (4 kv heads) that is o_proj column c ↔ v_proj row c, a whole-tensor view; with 2 kv heads each
-      group is two strided column blocks of o_proj: refused (needs views addressing part of a tensor).
+    * Q/K per (kv head, rotation pair) and V/O per (kv head, dim): :func:`attention_expected`.
     Plus, untied: final norm γ_j ↔ lm_head column j (rescale) and lm_head columns (translation); tied, both
     are refused.  Not symmetries, not found: Q/K per dimension (RoPE mixes dims i and i + d/2), the
     embedding's rows (RMSNorm subtracts no mean), any output unit of o_proj/down_proj alone (residual join).
-    4 L + 2 = 10 families without GQA, 3 L + 2 = 8 with it; tied: 4 L = 8."""
+    Per layer 3 + G (Q/K) + (1 without GQA, G with it) (V/O): 4 kv heads: 8 L + 2 = 18; 2 kv heads:
+    7 L + 2 = 16; tied, 4 kv heads: 8 L = 16."""
     D, Q = 2 * E, "model.layers"
     fams = set()
     for i in range(L):
@@ -182,9 +253,7 @@ def llama_expected(kv_heads: int, tied: bool):
               W(f"{Q}.{i}.mlp.gate_proj.weight", (24, D, 1), -1), W(f"{Q}.{i}.mlp.up_proj.weight", (24, D, 1), -1)),
             S("rescale", W(f"{Q}.{i}.mlp.up_proj.weight", (1, 24, D)), W(f"{Q}.{i}.mlp.down_proj.weight", (D, 24, 1), -1)),
         }
-        if kv_heads == 4:
-            fams.add(S("rescale", W(f"{Q}.{i}.self_attn.v_proj.weight", (1, D, D)),
-                       W(f"{Q}.{i}.self_attn.o_proj.weight", (D, D, 1), -1)))
+        fams |= attention_expected(f"{Q}.{i}.self_attn", D, 4, kv_heads, 4, rope=True, bias=bias)
     if not tied:
         fams |= {S("rescale", W("model.norm.weight", (1, D, 1)), W("lm_head.weight", (V, D, 1), -1)),
                  S("translation", W("lm_head.weight", (V, D, 1)))}
@@ -194,24 +263,41 @@ def llama_expected(kv_heads: int, tied: bool):
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["MHA", "GQA"])
 def test_llama_eager_and_sdpa_agree(kv_heads):
     expected = llama_expected(kv_heads, tied=False)
-    assert len(expected) == (10 if kv_heads == 4 else 8)
+    assert len(expected) == (18 if kv_heads == 4 else 16)
     for attn in ("eager", "sdpa"):
         model = llama(kv_heads, attn)
         fams, rejected = discover(model)
         assert fam_set(fams) == expected, attn
         check_proved(model, fams)
-        vo = [r for r in rejected if "v_proj →" in r.reason]
-        if kv_heads == 2:
-            assert len(vo) == L and all("grouped-query attention" in r.reason and r.residual is None for r in vo)
-        else:
-            assert not vo
+        assert not [r for r in rejected if "view" in r.reason]
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_qwen2_and_mistral(arch):
+    """Llama's families (RoPE, GQA with 2 kv heads); Qwen2's q/k/v biases move with their rows."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(
+        vocab_size=V, hidden_size=2 * E, intermediate_size=24, num_hidden_layers=L, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).double().train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) + 0.5)
+            if n.endswith("bias"):
+                p.copy_(torch.randn_like(p))
+    fams, _ = discover(model)
+    expected = llama_expected(2, tied=False, bias=arch == "Qwen2")
+    assert len(expected) == 16
+    assert fam_set(fams) == expected
+    check_proved(model, fams)
 
 
 def test_llama_tied():
     model = llama(4, "sdpa", tied=True)
     fams, rejected = discover(model)
     assert fam_set(fams) == llama_expected(4, tied=True)
-    assert len(fams) == 4 * L
+    assert len(fams) == 8 * L
     assert sorted(r.reason.split(":")[0] for r in rejected if "is tied" in r.reason) == [
         "lm_head (translation, columns)", "model.norm → lm_head (rescale)"]
 
@@ -246,13 +332,139 @@ def test_near_misses_fail_the_finite_check():
         SymmetryFamily("rescale", "q ↔ k per dimension", [(f"{Q}.self_attn.q_proj.weight", (1, D, D), 1),
                                                           (f"{Q}.self_attn.k_proj.weight", (1, D, D), -1)]),
     ]
+    gqa, A = llama(2, "eager"), f"{Q}.self_attn"
+    misses_gqa = [      # 2 kv heads, query heads 0 and 1 read kv head 0 (d = 4, rotation pairs (i, i + 2))
+        SymmetryFamily("rescale", "Q/K of one query head", [(f"{A}.q_proj.weight", (2, 2, D, 0, 2 * D), 1),
+                                                            (f"{A}.k_proj.weight", (2, 2, D, 0, 2 * D), -1)]),
+        SymmetryFamily("rescale", "V/O missing a head", [(f"{A}.v_proj.weight", (1, 4, D, 0, 4 * D), 1),
+                                                         (f"{A}.o_proj.weight", (D, 4, 1, 0, D), -1)]),
+    ]
     g2 = gpt2(tied=True)
     misses_gpt2 = [
         SymmetryFamily("rescale", "LN γ without β", [("transformer.h.0.ln_1.weight", (1, E, 1), 1),
                                                      ("transformer.h.0.attn.c_attn.weight", (1, E, 3 * E), -1)]),
         SymmetryFamily("translation", "tied lm_head columns", [("lm_head.weight", (V, E, 1), 1)]),
     ]
-    for m, fams in ((model, misses), (g2, misses_gpt2)):
+    for m, fams in ((model, misses), (gqa, misses_gqa), (g2, misses_gpt2)):
         for f in fams:
             with pytest.raises(AssertionError):
                 check_finite_transformation(m, f)
+
+
+# ---------------------------------------------------------------------- BERT, ViT (post-LN; fused/packed q/k/v)
+def bert(attn):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=E, num_hidden_layers=L, num_attention_heads=2,
+                                  intermediate_size=12, max_position_embeddings=8, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation=attn)
+    return perturb(transformers.BertForSequenceClassification(cfg).double().train())
+
+
+def bert_expected():
+    """Post-LN BERT, E = 8, 2 heads, intermediate 12, 3 labels.
+    * embeddings: word, position and token-type rows (translation: the embedding LayerNorm removes a shift
+      uniform over the channels of a position), one family each;
+    * per layer: Q/K, query row j + bias ↔ key row j + bias (no RoPE: one family of whole views); V/O,
+      value row j + bias ↔ attention.output.dense column j; attention.output.dense and output.dense input
+      columns and bias (translation: they write the stream just before a LayerNorm);
+    * the last layer's output LayerNorm (γ, β) ↔ pooler.dense column j (only the pooler reads it);
+    * classifier columns and bias (cross-entropy).
+    Not per-channel LN ↔ q, k, v (a post-LN output also feeds the residual).  Not found yet: the key-bias
+    translation, the segment rescales.  3 + 6 L + 1 + 2 = 18 families."""
+    e, lay = "bert.embeddings", "bert.encoder.layer"
+    fams = {S("translation", W(f"{e}.word_embeddings.weight", (1, V, E))),
+            S("translation", W(f"{e}.position_embeddings.weight", (1, 8, E))),
+            S("translation", W(f"{e}.token_type_embeddings.weight", (1, 2, E))),
+            S("rescale", W(f"{lay}.{L - 1}.output.LayerNorm.weight", (1, E, 1)),
+              W(f"{lay}.{L - 1}.output.LayerNorm.bias", (1, E, 1)), W("bert.pooler.dense.weight", (E, E, 1), -1)),
+            S("translation", W("classifier.weight", (3, E, 1))), S("translation", W("classifier.bias", (1, 1, 3)))}
+    for i in range(L):
+        a = f"{lay}.{i}.attention"
+        fams |= {
+            S("rescale", W(f"{a}.self.query.weight", (1, E, E)), W(f"{a}.self.query.bias", (1, E, 1)),
+              W(f"{a}.self.key.weight", (1, E, E), -1), W(f"{a}.self.key.bias", (1, E, 1), -1)),
+            S("rescale", W(f"{a}.self.value.weight", (1, E, E)), W(f"{a}.self.value.bias", (1, E, 1)),
+              W(f"{a}.output.dense.weight", (E, E, 1), -1)),
+            S("translation", W(f"{a}.output.dense.weight", (E, E, 1))),
+            S("translation", W(f"{a}.output.dense.bias", (1, 1, E))),
+            S("translation", W(f"{lay}.{i}.output.dense.weight", (E, 12, 1))),
+            S("translation", W(f"{lay}.{i}.output.dense.bias", (1, 1, E))),
+        }
+    return fams
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bert(attn):
+    model = bert(attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fams = find_symmetries(model, {"input_ids": TOKENS, "labels": CLASSES})
+    expected = bert_expected()
+    assert len(expected) == 18
+    assert fam_set(fams) == expected
+    check_proved(model, fams)
+
+
+def vit_expected(prefix, ln, attn, mlp, head, patch, pos, packed):
+    """A pre-LN ViT on 8×8 images, patches 4×4 (5 tokens with the class token), E = 8, 2 heads, MLP 12,
+    3 classes.  Per block: ln_1 (γ, β) ↔ the q/k/v weight's input columns (rescale); Q/K: query row j (+
+    bias) ↔ key row E + j of the fused [3E, E] weight — views (1, E, E, 0, E·E) and (1, E, E, E·E, E·E),
+    bias (1, E, 1, 0, E) and (1, E, 1, E, E); V/O: value rows 2E + j (+ bias) ↔ out-projection column j;
+    ln_2 ↔ the first MLP layer; the second MLP layer's columns and bias (translation, before a LayerNorm);
+    timm's attn.proj too (torchvision's out_proj lives inside ``multi_head_attention_forward``: its columns
+    and bias are not sources).  Plus the patch projection's columns and bias (translation), the position
+    table's rows (translation), the final LN ↔ head columns, the head's columns and bias.  Not found yet:
+    the class token (concatenated, not added), the residual stream's scale.
+    torchvision 3 + 6 L + 3 = 18, timm 3 + 8 L + 3 = 22."""
+    qkv_w, qkv_b, out_w = packed
+    fams = {S("translation", W(f"{patch}.weight", (E, 48, 1))), S("translation", W(f"{patch}.bias", (1, 1, E))),
+            S("translation", W(pos, (1, 5, E))),
+            S("rescale", W(f"{head[0]}.weight", (1, E, 1)), W(f"{head[0]}.bias", (1, E, 1)),
+              W(f"{head[1]}.weight", (3, E, 1), -1)),
+            S("translation", W(f"{head[1]}.weight", (3, E, 1))), S("translation", W(f"{head[1]}.bias", (1, 1, 3)))}
+    for i in range(L):
+        b = f"{prefix}{i}"
+        w, bb, o = f"{b}.{qkv_w}", f"{b}.{qkv_b}", f"{b}.{out_w}"
+        fams |= {
+            S("rescale", W(f"{b}.{ln[0]}.weight", (1, E, 1)), W(f"{b}.{ln[0]}.bias", (1, E, 1)), W(w, (3 * E, E, 1), -1)),
+            S("rescale", W(f"{b}.{ln[1]}.weight", (1, E, 1)), W(f"{b}.{ln[1]}.bias", (1, E, 1)),
+              W(f"{b}.{mlp[0]}.weight", (12, E, 1), -1)),
+            S("rescale", W(w, (1, E, E, 0, E * E)), W(bb, (1, E, 1, 0, E)),
+              W(w, (1, E, E, E * E, E * E), -1), W(bb, (1, E, 1, E, E), -1)),
+            S("rescale", W(w, (1, E, E, 2 * E * E, E * E)), W(bb, (1, E, 1, 2 * E, E)), W(o, (E, E, 1), -1)),
+            S("translation", W(f"{b}.{mlp[1]}.weight", (E, 12, 1))), S("translation", W(f"{b}.{mlp[1]}.bias", (1, 1, E))),
+        }
+        if attn:
+            fams |= {S("translation", W(f"{b}.{attn}.weight", (E, E, 1))),
+                     S("translation", W(f"{b}.{attn}.bias", (1, 1, E)))}
+    return fams
+
+
+def test_torchvision_vit():
+    """``nn.MultiheadAttention`` (packed in_proj_weight, one ``multi_head_attention_forward`` call)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = perturb(torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=L, num_heads=2,
+                                                         hidden_dim=E, mlp_dim=12, num_classes=3).double().train())
+    fams = find_symmetries(model, IMAGES, targets=CLASSES)
+    sa = "self_attention"
+    expected = vit_expected("encoder.layers.encoder_layer_", ("ln_1", "ln_2"), None, ("mlp.0", "mlp.3"),
+                            ("encoder.ln", "heads.head"), "conv_proj", "encoder.pos_embedding",
+                            (f"{sa}.in_proj_weight", f"{sa}.in_proj_bias", f"{sa}.out_proj.weight"))
+    assert len(expected) == 18
+    assert fam_set(fams) == expected
+    check_proved(model, fams)
+
+
+def test_timm_vit():
+    """timm: one fused ``qkv`` Linear, then ``scaled_dot_product_attention``."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = perturb(timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=E, depth=L, num_heads=2, mlp_ratio=1.5, num_classes=3).double().train())
+    fams = find_symmetries(model, IMAGES, targets=CLASSES)
+    expected = vit_expected("blocks.", ("norm1", "norm2"), "attn.proj", ("mlp.fc1", "mlp.fc2"), ("norm", "head"),
+                            "patch_embed.proj", "pos_embed", ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"))
+    assert len(expected) == 22
+    assert fam_set(fams) == expected
+    check_proved(model, fams)

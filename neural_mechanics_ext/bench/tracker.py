@@ -15,6 +15,7 @@ from .. import SymmetryTracker, find_symmetries
 from ..app.models import demo_net, vgg16_bn
 from ..app.overhead import interleaved_blocks, overhead_summary
 from ..app.runner import PRESETS, RunConfig
+from ..views import full, strided
 from .params import fmt_count
 from .timing import Deadline
 
@@ -108,11 +109,12 @@ class NaiveTracker:
         row = []
         for f, members in self.families:
             acc = None
-            for p, (a, k, b), sign in members:
-                x = p.view(a, k, b)
-                g = p.grad.view(a, k, b) if p.grad is not None else torch.zeros_like(x)
+            for p, view, sign in members:      # views of part of a tensor too
+                cut = full(view, p.numel())
+                x = strided(p.view(-1), cut)
+                g = strided(p.grad.view(-1), cut) if p.grad is not None else torch.zeros_like(x)
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                v = buf.view(a, k, b) if buf is not None else torch.zeros_like(x)
+                v = strided(buf.view(-1), cut) if buf is not None else torch.zeros_like(x)
                 m = torch.stack([t.sum((0, 2)) for t in (x, g, v, x * x, g * g, v * v, x * g, x * v, g * v)], 1)
                 acc = sign * m if acc is None else acc + sign * m
             row.append(acc.cpu().tolist())

@@ -72,25 +72,9 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         if cand.refusal:
             rejected.append(Rejected(cand.family, None, f"{cand.name}: {cand.refusal}"))
             continue
-        fam = cand.family
-        count = names.get(fam.name, 0)
-        names[fam.name] = count + 1
-        if count:
-            fam.name = f"{fam.name} #{count + 1}"
-        if cand.approx:
-            # each normaliser that absorbs the scaling adds its own O(eps/var) violation
-            total = sum(r for _, _, r, _ in cand.approx)
-            for tag, _, _, size in cand.approx:
-                if 0 < size < MIN_SET_SIZE:
-                    small_sets[tag] = size
-            fam.tolerance = EXACT_TOLERANCE + EPS_FACTOR * total
-            fam.extra["approx"] = cand.approx
-            fam.note = _approx_note(cand.approx, total)
-        else:
-            fam.tolerance = EXACT_TOLERANCE
-        if cand.forced:
-            fam.extra["forced"] = cand.forced
-        families.append(fam)
+        for fam in cand.families:
+            _settle(fam, cand, names, small_sets)
+            families.append(fam)
     if small_sets:
         warnings.warn("find_symmetries: on the example inputs " + ", ".join(
             f"{_long(tag)} normalises only {n} values per set" for tag, n in small_sets.items()) +
@@ -115,6 +99,27 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
             print("rejected:")
             print(describe(rejected))
     return (passed, rejected) if return_rejected else passed
+
+
+def _settle(fam: SymmetryFamily, cand, names: dict, small_sets: dict) -> None:
+    """A unique name, the tolerance (eps-aware where normalisers absorb) and the notes of a candidate's family."""
+    count = names.get(fam.name, 0)
+    names[fam.name] = count + 1
+    if count:
+        fam.name = f"{fam.name} #{count + 1}"
+    if cand.approx:
+        # each normaliser that absorbs the scaling adds its own O(eps/var) violation
+        total = sum(r for _, _, r, _ in cand.approx)
+        for tag, _, _, size in cand.approx:
+            if 0 < size < MIN_SET_SIZE:
+                small_sets[tag] = size
+        fam.tolerance = EXACT_TOLERANCE + EPS_FACTOR * total
+        fam.extra["approx"] = cand.approx
+        fam.note = _approx_note(cand.approx, total)
+    else:
+        fam.tolerance = EXACT_TOLERANCE
+    if cand.forced:
+        fam.extra["forced"] = cand.forced
 
 
 def _long(tag: str) -> str:

@@ -22,9 +22,16 @@ is how "one scale group per channel group" or "the whole layer" falls out.
 
 The result is a candidate family: kind ``scale`` (only absorbers), ``rescale`` (compensators) or
 ``translation`` (shifts), whose members are obtained by writing, for every parameter involved, the
-group of each of its elements and fitting an ``(A, K, B)`` view to that map.  A map that no view
-expresses (a grouped conv consumer, a permuted consumer, a partially covered tensor) is refused with a
-reason, never approximated.
+group of each of its elements and fitting views to that map: one ``(A, K, B)`` view of each whole tensor
+when it exists, else the groups split into families whose members are ``(A, K, B, offset, a_stride)``
+views of parts of tensors (a grouped conv consumer, a permuted consumer, the Q and K blocks of a fused
+projection, the o_proj columns of every query head sharing a kv head; :mod:`.fit`).
+
+Attention: a query scaled by α meets a key scaled by 1/α in ``q·k``.  Each label has a parity in the
+union-find (odd: scaled by 1/α of its group), the product joins each query index with the key index it
+meets with odd parity (:func:`.attention.pair_inverse`), and an odd label's parameter elements get the
+opposite sign.  Separate projections start together (:mod:`.query_key`); a single call that compensates
+inside (``multi_head_attention_forward``) gives its own Q/K and V/O sources.
 
 Choices (all follow from starting with the finest groups and merging only what an op forces):
 
@@ -42,8 +49,9 @@ Choices (all follow from starting with the finest groups and merging only what a
 
 Layout: :mod:`.state` (label tensors and the helpers every handler shares), one module per op family
 (:mod:`.elementwise`, :mod:`.movement`, :mod:`.reductions`, :mod:`.linear`, :mod:`.attention`,
-:mod:`.normalisers`, :mod:`.softmax_losses`), :mod:`.registry` (op name → handler), :mod:`.engine`
-(sources and propagation over a graph), :mod:`.candidate` (kind, name and member views of a candidate).
+:mod:`.normalisers`, :mod:`.softmax_losses`, :mod:`.query_key`), :mod:`.registry` (op name → handler),
+:mod:`.engine` (sources and propagation over a graph), :mod:`.candidate` (kind, name and member views of a
+candidate), :mod:`.fit` (views fitted to group maps).
 """
 from __future__ import annotations
 

@@ -2,14 +2,18 @@
 ``F.scaled_dot_product_attention``.
 
 The attention weights depend on queries and keys only, so a scaling of the values passes through
-(per value feature, merged over the sequence); a perturbed query, key or mask ends the candidate.  For
-``multi_head_attention_forward`` the input projections read the perturbed tensor and compensate.
+(per value feature, merged over the sequence).  A query scaled per (head, dim) together with the key it
+meets scaled by the inverse leaves every logit q·k unchanged (:func:`pair_inverse`, also used by
+``matmul`` for eager attention); a query or key perturbed alone, or a perturbed mask, ends the candidate.
+For ``multi_head_attention_forward`` the input projections read the perturbed tensor and compensate.
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-from .state import F64, Dead, bind, describe_op, fibers, param
+from .state import F64, SCALE, Dead, Source, bind, describe_op, fibers, op_layer, param
 
 
 def mha(prop, node, args, kwargs) -> None:
@@ -42,17 +46,78 @@ def mha(prop, node, args, kwargs) -> None:
     prop.consume(node, w, cmap)
 
 
+def pair_inverse(prop, node, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A product contracting ``q``'s last axis with ``k``'s (labels per contracted index, broadcast over
+    the rest) is unchanged when the key index carries the inverse scaling of the query index it meets:
+    join each such pair with odd parity.  A scaled index meeting an unscaled one changes the product."""
+    where = describe_op(node)
+    prop.no_shift(node)
+    if prop.in_degrees != {1.0}:
+        raise Dead(f"{where} multiplies tensors scaled to a power other than 1")
+    try:
+        q, k = torch.broadcast_tensors(q, k)
+    except RuntimeError:
+        raise Dead(f"cannot follow {where} on labels") from None
+    if bool(((q < 0) != (k < 0)).any()):
+        raise Dead(f"{where}: a perturbed query (key) index meets an unperturbed key (query) index")
+    m = q >= 0
+    for a, b in torch.unique(torch.stack([q[m], k[m]], 1), dim=0).tolist():
+        prop.uf.union(int(a), int(b), odd=1)
+    prop.paired.append(node)
+
+
+def _per_head_dim(prop, t, where) -> torch.Tensor:
+    """Labels of a [..., heads, seq, dim] tensor merged over the sequence: [..., heads, dim]."""
+    rows, kept = fibers(prop.g[t], [len(t.shape) - 2])
+    return prop.merge_rows(rows, where).view(kept)
+
+
 def sdpa(prop, node, args, kwargs) -> None:
     a = bind(node, args, kwargs)
     where = describe_op(node)
     prop.no_shift(node)
-    for key in ("query", "key", "attn_mask"):
-        if prop.reached(a.get(key)):
-            raise Dead(f"{where}: the {key} is perturbed (attention weights would change)")
+    if prop.reached(a.get("attn_mask")):
+        raise Dead(f"{where}: the attn_mask is perturbed (attention weights would change)")
+    q, k = a["query"], a["key"]
+    if prop.reached(q) != prop.reached(k):
+        which = "query" if prop.reached(q) else "key"
+        raise Dead(f"{where}: the {which} is perturbed alone (attention weights would change)")
+    if prop.reached(q):
+        lq, lk = _per_head_dim(prop, q, where), _per_head_dim(prop, k, where)
+        if len(q.shape) >= 3 and lq.shape[-2] != lk.shape[-2]:    # grouped-query: head h reads kv h // n_rep
+            lk = lk.repeat_interleave(lq.shape[-2] // lk.shape[-2], dim=-2)
+        pair_inverse(prop, node, lq, lk)
     v, out = a["value"], node.outputs[0]
+    if not prop.reached(v):
+        return
     rows, kept = fibers(prop.g[v], [len(v.shape) - 2])
     rep = prop.merge_rows(rows, where).view(kept).unsqueeze(-2)
     if a.get("enable_gqa", False) and len(v.shape) >= 3 and out.shape[-3] != v.shape[-3]:
         # grouped-query attention: query head h reads kv head h // (H / G)
         rep = rep.repeat_interleave(out.shape[-3] // v.shape[-3], dim=-3)
     prop.set_bcast(node, out, rep)
+
+
+def mha_sources(node, graph) -> List[Source]:
+    """The symmetries ``multi_head_attention_forward`` compensates inside the call (its output is
+    unchanged): Q/K, query row ``j`` of the packed ``in_proj_weight`` (and bias) × α against key row
+    ``E + j`` × 1/α (no rotary embedding inside), and V/O, value row ``2E + j`` (and bias) × α against
+    column ``j`` of ``out_proj_weight`` × 1/α.  Not with separate projection weights, ``bias_k``/``bias_v``
+    (an extra key and value that no row scales) or with a parameter read twice."""
+    a = bind(node)
+    w, b, wo = param(a.get("in_proj_weight")), param(a.get("in_proj_bias")), param(a.get("out_proj_weight"))
+    if w is None or wo is None or a.get("use_separate_proj_weight", False) \
+            or a.get("bias_k") is not None or a.get("bias_v") is not None:
+        return []
+    E = w.shape[0] // 3
+    layer = op_layer(node, graph)
+
+    def rows(first, sign):      # rows first … first+E−1 of the packed weight (and bias) are groups 0 … E−1
+        cm = torch.full((3 * E,), -1, dtype=torch.long)
+        cm[first:first + E] = torch.arange(E)
+        out = [(w.name, cm.view(-1, 1).expand(w.shape), sign, None)]
+        return out + ([(b.name, cm, sign, None)] if b is not None else [])
+    qk = rows(0, 1) + rows(E, -1)
+    vo = rows(2 * E, 1) + [(wo.name, torch.arange(E).view(1, -1).expand(wo.shape), -1, None)]
+    return [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
+            for what, members in (("query·key", qk), ("value·output", vo))]

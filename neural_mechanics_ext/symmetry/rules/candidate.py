@@ -1,5 +1,11 @@
-"""From a propagated source to a candidate family: its kind and name, and its members' ``(A, K, B)``
-views fitted to the group of every parameter element (or a refusal saying why none fits)."""
+"""From a propagated source to candidate families: their kind and name, and their members' views fitted
+to the group of every parameter element (or a refusal saying why none fits).
+
+Usually one family, each member one ``(A, K, B)`` view of a whole tensor.  Where a member touches part of
+a tensor, or its elements of different groups are not one strided rectangle, the groups are split into
+classes that touch the same parameters alike (the Q/K and V/O groups of a fused ``c_attn``), each class
+into the largest equal blocks whose parts are views (one block per kv head under grouped-query
+attention), and each block is a family of ``(A, K, B, offset, a_stride)`` views."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,37 +16,22 @@ import torch
 from ..capture import Graph
 from ..family import SymmetryFamily
 from .engine import propagate
-from .state import NORM_TAG, SCALE, Dead, Propagation, Source, describe_op, op_layer
+from .fit import elements_by_group, fit_view, partial_views
+from .state import NORM_TAG, SCALE, Dead, Propagation, Source, describe_op, layer_name, op_layer
 
 
 @dataclass
 class Candidate:
     """A structurally derived family, before the gradient check."""
 
-    family: Optional[SymmetryFamily]
+    family: Optional[SymmetryFamily]    # the first of ``families`` (or None)
     source: Source
     name: str = ""
     refusal: Optional[str] = None        # structural reason not to track it (shared, unexpressible)
     forced: Optional[str] = None         # reason it cannot hold (BN in eval mode); still measured
     # (normaliser, eps, max eps/(var+eps), values per normalised set) for each absorber with eps > 0
     approx: List[Tuple[str, float, float, int]] = field(default_factory=list)
-
-
-def fit_view(cmap: torch.Tensor, k: int) -> Optional[Tuple[int, int, int]]:
-    """The ``(A, K, B)`` view whose slice ``j`` is exactly the elements labelled ``j`` (or None)."""
-    flat = cmap.reshape(-1)
-    n = flat.numel()
-    if n == 0 or k <= 0 or bool((flat < 0).any()) or n % k:
-        return None
-    if k == 1:
-        return (1, 1, n) if bool((flat == 0).all()) else None
-    nz = (flat != flat[0]).nonzero()
-    b = int(nz[0]) if len(nz) else n
-    if flat[0] != 0 or b == 0 or n % (k * b):
-        return None
-    a = n // (k * b)
-    ok = torch.equal(flat.view(a, k, b), torch.arange(k, dtype=flat.dtype).view(1, k, 1).expand(a, k, b))
-    return (a, k, b) if ok else None
+    families: List[SymmetryFamily] = field(default_factory=list)
 
 
 def build_candidate(graph: Graph, src: Source) -> Optional[Candidate]:
@@ -49,24 +40,40 @@ def build_candidate(graph: Graph, src: Source) -> Optional[Candidate]:
         prop = propagate(graph, src)
     except Dead:
         return None
-    if not prop.absorbers and not prop.consumers:
+    if not prop.absorbers and not prop.consumers and not prop.paired:
         return None
     cand = Candidate(None, src, forced=prop.forced, approx=prop.approx)
     consumers = list(dict.fromkeys(op_layer(n, graph) for n, _, _ in prop.consumers))
     kind, cand.name = _kind_and_name(graph, src, prop, consumers)
-    members, problems = _members(src, prop)
+    blocks, problems = _members(src, prop)
     if problems:
         cand.refusal = "; ".join(problems)
         return cand
-    if len({v[1] for _, v, _ in members}) != 1:
-        cand.refusal = "members have different numbers of groups"
-        return cand
-    fam = SymmetryFamily(kind, cand.name, members, layer=src.layer)
-    fam.extra.update(absorbers=[describe_op(n) for n in prop.absorbers], consumers=consumers,
-                     source=src.node.index)
-    cand.family = fam
-    cand.refusal = _sharing_refusal(graph, members)
+    extra = dict(absorbers=[describe_op(n) for n in prop.absorbers], consumers=consumers,
+                 source=src.node.index)
+    names = [cand.name] if len(blocks) == 1 else [_part_name(src, prop, m, cand.name) for m in blocks]
+    for i, (members, name) in enumerate(zip(blocks, names)):
+        if names.count(name) > 1:       # parts alike (one per kv head, per rotation pair block)
+            name = f"{name} (part {names[:i].count(name) + 1}/{names.count(name)})"
+        fam = SymmetryFamily(kind, name, members, layer=src.layer)
+        fam.extra.update(extra)
+        cand.families.append(fam)
+    cand.family = cand.families[0]
+    refusals = [r for r in (_sharing_refusal(graph, f.members) for f in cand.families) if r]
+    cand.refusal = refusals[0] if refusals else None
     return cand
+
+
+def _part_name(src: Source, prop: Propagation, members, name: str) -> str:
+    """A part of a split candidate named by what compensates it: its consumers, or the key side of a
+    query·key pair (both sides in the source)."""
+    consumed = {pn for _, pn, _ in prop.consumers}
+    readers = list(dict.fromkeys(layer_name(pn) for pn, _, s in members if s < 0 and pn in consumed))
+    if readers:
+        return f"{src.layer} → {', '.join(readers)} (rescale)"
+    if any(s < 0 for _, _, s in members):
+        return f"{src.layer} (rescale, query·key)"
+    return name
 
 
 def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List[str]) -> Tuple[str, str]:
@@ -74,24 +81,60 @@ def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List
         return "translation", f"{src.layer} (translation, {src.what})"
     if prop.consumers:
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
+    if prop.paired:     # query·key: the inverse side is part of the source
+        return "rescale", f"{src.layer} (rescale, {src.what})"
     tags = list(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
     return "scale", f"{src.layer} (scale, {', '.join(tags)})"
 
 
+MAX_VIEWS = 64     # views per family beyond which a split is refused rather than listed
+
+
 def _members(src: Source, prop: Propagation):
-    """``(name, view, sign)`` of every source (+1) and consumer (−1) parameter, and the problems of
-    those whose group map no view expresses."""
-    table = prop.uf.table().long()
+    """The families' ``(name, view, sign)`` members: source parameters +1, consumers −1 (odd labels, the
+    key side of a query·key pair, flip the sign), and the problems of maps that no view expresses."""
+    table, odd = prop.uf.table().long(), prop.uf.parities()
     maps = list(src.members) + [(pn, cm, 1, None) for pn, cm in prop.joined]
     maps += [(pn, cm, -1, None) for _, pn, cm in prop.consumers]
-    members, problems = [], []
-    lut, k = None, 0
+    whole = _whole_views(maps, table, odd)
+    if whole is not None:
+        return [whole], []
+    if any(view is not None for _, _, _, view in maps):
+        return [], ["a member with a fixed view meets members that need views of part of a tensor"]
+    entries = []        # (name, elements by group, sign, numel), one per parameter and parity
+    for pn, cm, sign, _ in maps:
+        flat = cm.reshape(-1).long()
+        root = torch.where(flat >= 0, table[flat.clamp(min=0)], torch.full_like(flat, -1))
+        par = odd[flat.clamp(min=0)]
+        for p in (0, 1):
+            gm = torch.where(par == p, root, torch.full_like(root, -1))
+            if bool((gm >= 0).any()):
+                entries.append((pn, elements_by_group(gm), sign * (1 - 2 * p), flat.numel()))
+    order = list(dict.fromkeys(g for _, by, _, _ in entries for g in by))
+    classes = {}
+    for g in order:      # groups touching the same parameter parts, alike
+        classes.setdefault(tuple(len(by.get(g, ())) for _, by, _, _ in entries), []).append(g)
+    families = []
+    for sig, groups in classes.items():
+        block = _split(groups, [e for e, n in zip(entries, sig) if n])
+        if block is None:
+            return [], [f"the {len(groups)} groups of {', '.join(dict.fromkeys(e[0] for e in entries))} "
+                         f"need more than {MAX_VIEWS} views per family"]
+        families.extend(block)
+    return families, []
+
+
+def _whole_views(maps, table, odd) -> Optional[list]:
+    """Members as one view of each whole tensor over all groups, or None where some map needs parts."""
+    members, lut, k = [], None, 0
     for pn, cm, sign, view in maps:
         if view is None:
             # Label maps are broadcast views (a row label repeated over a whole filter, a column label
             # over every output): fit the view on the compact core and stretch it.
             lead, core, trail = _compact(cm)
             core = core.long()
+            if bool((odd[core.clamp(min=0)] != 0).any()):
+                return None
             roots = torch.where(core >= 0, table[core.clamp(min=0)], torch.full_like(core, -1))
             if lut is None:     # groups numbered in order of first appearance in the first map
                 seen = [r for r in dict.fromkeys(roots.reshape(-1).tolist()) if r >= 0]
@@ -101,12 +144,40 @@ def _members(src: Source, prop: Propagation):
             canon = lut[torch.where(roots >= 0, roots, torch.full_like(roots, len(table)))]
             core_view = fit_view(canon, k)
             if core_view is None:
-                problems.append(_unexpressible(pn, cm, canon, k, sign))
-                continue
+                return None
             a, kk, b = core_view
             view = (lead * a, kk, b * trail) if kk > 1 else (1, 1, lead * a * b * trail)
         members.append((pn, view, sign))
-    return members, problems
+    return members
+
+
+def _short(view, numel: int):
+    """``(A, K, B)`` for a view of the whole tensor, the long form otherwise."""
+    a, k, b, offset, stride = view
+    return (a, k, b) if offset == 0 and a * k * b == numel and (a == 1 or stride == k * b) else view
+
+
+def _split(groups, entries) -> Optional[List[list]]:
+    """The largest equal blocks of ``groups`` whose parts in every entry are views, as member lists."""
+    n = len(groups)
+    for size in (s for s in range(n, 0, -1) if n % s == 0):
+        blocks = []
+        for i in range(0, n, size):
+            members = []
+            for pn, by, sign, numel in entries:
+                views = partial_views(by, groups[i:i + size])
+                if views is None:
+                    break
+                members += [(pn, _short(v, numel), sign) for v in views]
+            else:
+                if len(members) > MAX_VIEWS:
+                    return None
+                blocks.append(members)
+                continue
+            break
+        if len(blocks) == n // size:
+            return blocks
+    return None
 
 
 def _sharing_refusal(graph: Graph, members) -> Optional[str]:
@@ -139,14 +210,3 @@ def _compact(cm: torch.Tensor) -> Tuple[int, torch.Tensor, int]:
         j -= 1
     core = cm[tuple([0] * i + [slice(None)] * (j - i) + [0] * (nd - j))]
     return lead, core.reshape(-1), trail
-
-
-def _unexpressible(pn: str, cmap: torch.Tensor, canon: torch.Tensor, k: int, sign: int) -> str:
-    side = "consumer" if sign < 0 else "source"
-    if bool((canon < 0).any()):
-        return (f"{side} {pn}: only part of the tensor belongs to the groups, and an (A, K, B) view must "
-                f"cover the whole tensor")
-    return (f"{side} {pn} (shape {tuple(cmap.shape)}): its slices for the {k} groups do not form an "
-            f"(A, K, B) view (e.g. a grouped conv whose groups hold several channels, a permuted consumer, or "
-            f"the o_proj columns of all query heads sharing a kv head under grouped-query attention); this "
-            f"needs views that address strided parts of a tensor")

@@ -90,11 +90,13 @@ def add_sub(prop, node, args, kwargs) -> None:
     ra, rb = prop.reached(a), prop.reached(b)
     where = describe_op(node)
     if prop.mode == SCALE:
-        if ra and rb:
-            la = torch.broadcast_to(prop.canon(prop.g[a]), out.shape)
-            lb = torch.broadcast_to(prop.canon(prop.g[b]), out.shape)
-            if not torch.equal(la, lb):
-                raise Dead(f"{where} adds tensors scaled by different groups")
+        if ra and rb:       # each sum scales only if its two terms do alike: their groups merge
+            la = torch.broadcast_to(prop.g[a], out.shape)
+            lb = torch.broadcast_to(prop.g[b], out.shape)
+            if not torch.equal(la < 0, lb < 0):
+                raise Dead(f"{where} adds a scaled tensor to an unscaled one at some elements")
+            for x, y in torch.unique(torch.stack([la[la >= 0], lb[la >= 0]], 1), dim=0).tolist():
+                prop.uf.union(int(x), int(y))
             return prop.set(out, la.clone())
         if is_zero(b if ra else a):
             return prop.set(out, torch.broadcast_to(prop.g[a if ra else b], out.shape).clone())

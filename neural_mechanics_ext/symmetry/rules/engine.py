@@ -11,19 +11,30 @@ from .state import SCALE, Dead, Propagation, Source, describe_op
 def find_sources(graph: Graph) -> List[Source]:
     """Every place where a slice of parameters perturbs one axis of an op's output."""
     out: List[Source] = []
+    seeded = set()      # a query·key pair is found at every product of the two; keep it once
     for node in graph.nodes:
         rule = SOURCES.get(node.op)
         if rule is None or not graph.affects_loss(node) or node.opaque or not node.outputs \
                 or node.outputs[0] is None:
             continue
-        out.extend(rule(node, graph))
+        for src in rule(node, graph):
+            key = (src.mode, src.what, src.node.index, tuple(v.index for v, _ in src.more))
+            if src.more and key in seeded:
+                continue
+            seeded.add(key)
+            out.append(src)
     return out
 
 
 def propagate(graph: Graph, src: Source) -> Propagation:
     """Follow ``src`` forward through every call it reaches (raises :class:`Dead` when it dies)."""
     prop = Propagation(graph, src)
+    if src.inside:
+        prop.paired.append(src.node)
+        return prop
     prop.set(src.node.outputs[0], src.g, src.p)
+    for v, g in src.more:
+        prop.set(v, g)
     for node in graph.nodes[src.node.index + 1:]:
         if not any(v in prop.g for v in node.inputs) or not graph.affects_loss(node):
             continue

@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from ..capture import SIGNATURES, Value, bind_args
+from .attention import pair_inverse
 from .state import (F64, SCALE, SHIFT, Dead, Source, axis_labels, bind, describe_op, fibers, is_zero, op_layer,
                     param, position_labels)
 
@@ -133,8 +134,14 @@ def _product(prop, node, a, b) -> Optional[torch.Tensor]:
     where = describe_op(node)
     prop.no_shift(node)
     ra, rb = prop.reached(a), prop.reached(b)
-    if ra and rb:
-        raise Dead(f"{where} multiplies two perturbed tensors")
+    if ra and rb:       # query @ keyᵀ: invariant when each key index carries the inverse of its query index
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise Dead(f"{where} multiplies two perturbed tensors")
+        rows_a, kept_a = fibers(prop.g[a], [len(a.shape) - 2])
+        rows_b, kept_b = fibers(prop.g[b], [len(b.shape) - 1])
+        pair_inverse(prop, node, prop.merge_rows(rows_a, where).view(kept_a),
+                     prop.merge_rows(rows_b, where).view(kept_b))
+        return None
     if ra and len(a.shape) >= 2:
         if param(b) is not None and len(b.shape) == 2:      # x @ W: rows of W compensate
             rep = prop.columns(prop.g[a], where)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from . import attention, elementwise, linear, movement, normalisers, reductions, softmax_losses
+from . import attention, elementwise, linear, movement, normalisers, query_key, reductions, softmax_losses
 from .state import DROPOUT, Source
 
 Handler = Callable[..., None]
@@ -50,7 +50,10 @@ PROPAGATE: Dict[str, Handler] = {
 
 SOURCES: Dict[str, Callable[..., List[Source]]] = {
     **dict.fromkeys(linear.LAYERS, linear.layer_sources),
-    **dict.fromkeys(("matmul", "addmm", "einsum"), linear.contraction_sources),
+    **dict.fromkeys(("addmm", "einsum"), linear.contraction_sources),
+    "matmul": query_key.matmul_sources,
+    "scaled_dot_product_attention": query_key.sources,
+    "multi_head_attention_forward": attention.mha_sources,
     "embedding": linear.embedding_sources,
     "mul": elementwise.mul_sources,
     "add": elementwise.add_sources,

@@ -10,7 +10,7 @@ perturbation reaches something that neither preserves nor absorbs it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,26 +33,47 @@ class Dead(Exception):
 
 
 class UnionFind:
+    """Groups that must move together.  Each label also has a parity relative to its group: even labels
+    are scaled by the group's α, odd ones by 1/α (the key side of a query·key product whose query side is
+    scaled by α).  Joining two labels with a parity that contradicts what is known raises :class:`Dead`."""
+
     def __init__(self, n: int):
         self.parent = list(range(n))
+        self.odd = [0] * n          # parity relative to the parent
 
-    def find(self, a: int) -> int:
+    def find(self, a: int) -> Tuple[int, int]:
+        """``(root, parity of a relative to root)``, compressing the path."""
+        path = []
         while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
+            path.append(a)
             a = self.parent[a]
-        return a
+        acc = 0
+        for x in reversed(path):    # nearest the root first: its parity is already relative to the root
+            acc ^= self.odd[x]
+            self.odd[x], self.parent[x] = acc, a
+        return a, (self.odd[path[0]] if path else 0)
+
+    def union(self, a: int, b: int, odd: int = 0) -> None:
+        """``a`` and ``b`` move together: by the same α (``odd`` 0) or by inverse ones (``odd`` 1)."""
+        (ra, pa), (rb, pb) = self.find(int(a)), self.find(int(b))
+        if ra == rb:
+            if pa ^ pb != odd:
+                raise Dead("a group would have to be scaled by α and by 1/α at once")
+            return
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        self.odd[hi] = pa ^ pb ^ odd
 
     def union_all(self, labels) -> None:
         labels = [int(x) for x in labels]
-        r0 = self.find(labels[0])
         for x in labels[1:]:
-            r = self.find(x)
-            if r != r0:
-                self.parent[max(r, r0)] = min(r, r0)
-                r0 = min(r, r0)
+            self.union(labels[0], x)
 
     def table(self) -> torch.Tensor:
-        return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=F64)
+        return torch.tensor([self.find(i)[0] for i in range(len(self.parent))], dtype=F64)
+
+    def parities(self) -> torch.Tensor:
+        return torch.tensor([self.find(i)[1] for i in range(len(self.parent))], dtype=torch.long)
 
 
 @dataclass
@@ -67,6 +88,11 @@ class Source:
     g: torch.Tensor                 # labels of node.outputs[0]
     p: Optional[torch.Tensor]       # shift only: which shift value each element receives
     members: List[Tuple[str, Optional[torch.Tensor], int, Optional[Tuple[int, int, int]]]]
+    # further activations perturbed from the start, with their labels (a query·key source starts at both
+    # projections)
+    more: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
+    # compensated inside the call (attention in one call): the output is unchanged, ``g`` is None
+    inside: bool = False
 
 
 class Propagation:
@@ -83,6 +109,7 @@ class Propagation:
         self.absorbers: List[Node] = []
         self.consumers: List[Tuple[Node, str, torch.Tensor]] = []
         self.joined: List[Tuple[str, torch.Tensor]] = []     # parameters scaled with the source
+        self.paired: List[Node] = []       # products where a query-side scaling meets its inverse key side
         # A scaling reaches an element as α^d: d = 1 from a source, other powers after pow/sqrt/rsqrt or a
         # product of two scaled tensors (a hand-written normaliser); d = 0 is invariance.
         self.deg: Dict[Value, float] = {}
@@ -128,7 +155,8 @@ class Propagation:
             raise Dead(f"cannot follow {describe_op(node)} on labels") from None
 
     def canon(self, g: torch.Tensor) -> torch.Tensor:
-        t = self.uf.table()
+        """Each label as its group, odd labels (scaled by 1/α) set apart: equal iff scaled alike."""
+        t = self.uf.table() + self.uf.parities().to(F64) * len(self.uf.parent)
         out = g.clone()
         m = g >= 0
         out[m] = t[g[m].long()]
