@@ -10,6 +10,7 @@ from .describe import describe
 from .family import SymmetryFamily
 from .prove import EPS_FACTOR, EXACT_TOLERANCE, LossSpec, ProofSetup, Rejected, prove
 from .rules import build_candidate, find_sources
+from .twin import twin_for
 
 MIN_SET_SIZE = 8   # fewer values per normalised set than this: warn that the proof is ill-conditioned
 
@@ -19,8 +20,8 @@ _LONG_NAME = {"BN": "BatchNorm", "IN": "InstanceNorm", "GN": "GroupNorm", "LN": 
 
 def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cross_entropy", *,
                     targets=None, prove: bool = True, tolerance: Optional[float] = None,
-                    verbose: bool = False, return_rejected: bool = False, seed: int = 0
-                    ) -> Union[List[SymmetryFamily], Tuple[List[SymmetryFamily], List[Rejected]]]:
+                    verbose: bool = False, return_rejected: bool = False, seed: int = 0,
+                    twin_layers: Union[int, str, None] = "auto") -> Union[List[SymmetryFamily], Tuple[List[SymmetryFamily], List[Rejected]]]:
     """Find every translation, scale and rescale family of ``model`` and prove each one numerically.
 
     The model is run once on ``example_inputs`` (a small batch is enough: 2-4 samples at a small
@@ -59,24 +60,52 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         tied parameters, frozen parameters, unexpressible views).  A model without symmetry gives an
         empty list and a warning, not an error.
     """
-    setup = ProofSetup(model, example_inputs, loss, targets, seed)
-    graph = setup.capture()
+    twin = twin_for(model, twin_layers)
+    if twin is not None:
+        passed, rejected, small_sets = _via_twin(model, twin, example_inputs, loss, targets, seed, prove, tolerance)
+    else:
+        setup = ProofSetup(model, example_inputs, loss, targets, seed)
+        families, rejected, small_sets = _candidates(setup.capture())
+        _number(families)
+        passed = families
+        if prove:
+            passed, failed = _prove(setup, families, tolerance)
+            rejected = failed + rejected
+    if small_sets:
+        warnings.warn("find_symmetries: on the example inputs " + ", ".join(
+            f"{_long(tag)} normalises only {n} values per set" for tag, n in small_sets.items()) +
+            "; with so few values its gradients are ill-conditioned and the scale checks say little. "
+            f"Use more samples or a larger input (at least {MIN_SET_SIZE} values per normalised set).",
+            RuntimeWarning, stacklevel=2)
+    if not passed:
+        msg = (f"find_symmetries: no symmetry found in {type(model).__name__} (loss={_loss_name(loss)}): no "
+               f"layer is followed only by positively homogeneous operations into another layer, by a "
+               f"normalisation in training mode, or by a shift-invariant loss")
+        if rejected:
+            msg += f"; {len(rejected)} candidate(s) rejected (use return_rejected=True or verbose=True)"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    if verbose:
+        print(describe(passed))
+        if rejected:
+            print("rejected:")
+            print(describe(rejected))
+    return (passed, rejected) if return_rejected else passed
+
+
+def _candidates(graph) -> Tuple[List[SymmetryFamily], List[Rejected], dict]:
+    """The structural candidates of a captured graph (names not yet numbered), the refused ones, and the
+    normalisers with fewer than MIN_SET_SIZE values per set."""
     families: List[SymmetryFamily] = []
-    rejected: List[Rejected] = []
-    names = {}
+    refused: List[Rejected] = []
     small_sets = {}
     for src in find_sources(graph):
         cand = build_candidate(graph, src)
         if cand is None:
             continue
         if cand.refusal:
-            rejected.append(Rejected(cand.family, None, f"{cand.name}: {cand.refusal}"))
+            refused.append(Rejected(cand.family, None, f"{cand.name}: {cand.refusal}"))
             continue
         fam = cand.family
-        count = names.get(fam.name, 0)
-        names[fam.name] = count + 1
-        if count:
-            fam.name = f"{fam.name} #{count + 1}"
         if cand.approx:
             # each normaliser that absorbs the scaling adds its own O(eps/var) violation
             total = sum(r for _, _, r, _ in cand.approx)
@@ -91,30 +120,50 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         if cand.forced:
             fam.extra["forced"] = cand.forced
         families.append(fam)
-    if small_sets:
-        warnings.warn("find_symmetries: on the example inputs " + ", ".join(
-            f"{_long(tag)} normalises only {n} values per set" for tag, n in small_sets.items()) +
-            "; with so few values its gradients are ill-conditioned and the scale checks say little. "
-            f"Use more samples or a larger input (at least {MIN_SET_SIZE} values per normalised set).",
-            RuntimeWarning, stacklevel=2)
-    if prove:
-        passed, failed = _prove(setup, families, tolerance)
-        rejected = failed + rejected
-    else:
-        passed = families
-    if not passed:
-        msg = (f"find_symmetries: no symmetry found in {type(model).__name__} (loss={_loss_name(loss)}): no "
-               f"layer is followed only by positively homogeneous operations into another layer, by a "
-               f"normalisation in training mode, or by a shift-invariant loss")
-        if rejected:
-            msg += f"; {len(rejected)} candidate(s) rejected (use return_rejected=True or verbose=True)"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    if verbose:
-        print(describe(passed))
-        if rejected:
-            print("rejected:")
-            print(describe(rejected))
-    return (passed, rejected) if return_rejected else passed
+    return families, refused, small_sets
+
+
+def _number(families: List[SymmetryFamily]) -> None:
+    """Number repeated names in order: the second ``X`` becomes ``X #2``."""
+    names = {}
+    for fam in families:
+        count = names.get(fam.name, 0)
+        names[fam.name] = count + 1
+        if count:
+            fam.name = f"{fam.name} #{count + 1}"
+
+
+def _via_twin(model, twin, example_inputs, loss, targets, seed, do_prove, tolerance):
+    """Discover and prove (float64) on the twin, map to every layer, check on the model in its dtype."""
+    twin.model.double()
+    setup = ProofSetup(twin.model, example_inputs, loss, targets, seed, float64_copy=False)
+    families, refused, small_sets = _candidates(setup.capture())
+    failed = {}
+    if do_prove:
+        _, bad = _prove(setup, families, tolerance)
+        failed = {id(r.family): r for r in bad}
+    del setup
+    twin.model = None          # free the float64 twin before the check on the full model
+    mapped, rejected = twin.map_families(families)
+    _number([f for f, _, _ in mapped])
+    for r in refused:
+        rejected.extend(twin.map_rejected(r))
+    checked = []
+    for fam, origin, mapping in mapped:
+        if id(origin) in failed:
+            r = failed[id(origin)]
+            rejected.insert(0, Rejected(fam, r.residual, "on the twin: " + twin.rename(r.reason, mapping)))
+        else:
+            fam.extra["twin_residual"] = origin.residual
+            checked.append(fam)
+    if not do_prove:
+        return checked, rejected, small_sets
+    full = ProofSetup(model, example_inputs, loss, targets, seed, float64_copy=False)
+    for fam in checked:
+        total = sum(r for _, _, r, _ in fam.extra.get("approx", ()))
+        fam.tolerance = full.exact_tolerance + EPS_FACTOR * total
+    passed, bad = _prove(full, checked, None)
+    return passed, bad + rejected, small_sets
 
 
 def _long(tag: str) -> str:
