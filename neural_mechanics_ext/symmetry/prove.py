@@ -65,7 +65,7 @@ from .residual import family_residuals
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
-ROUNDING_FACTOR = 64.0   # see rounding_tolerance
+ROUNDING_FACTOR = 4.0   # see rounding_tolerance
 LOSSES = ("cross_entropy", "mse", "bce", None)
 
 LossSpec = Union[str, None, Callable[[Any, Any], torch.Tensor]]
