@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--twin-layers", type=int, default=3)
+    ap.add_argument("--twin-layers", type=lambda v: None if v == "none" else int(v), default=3,
+                    help="layers of the twin, or 'none' for the proof on a float64 copy of the whole model")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -69,7 +70,7 @@ def main() -> None:
         print("RESULT " + json.dumps(out))
         return
     cmd = [sys.executable, __file__, "--child", "--layers", str(args.layers), "--dtype", args.dtype,
-           "--tokens", str(args.tokens), "--twin-layers", str(args.twin_layers)]
+           "--tokens", str(args.tokens), "--twin-layers", str(args.twin_layers).lower()]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

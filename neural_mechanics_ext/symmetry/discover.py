@@ -29,7 +29,8 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
     to the recorded graph, and every candidate is then checked on the same batch: the gradient
     constraint of each group must hold within a documented tolerance (see
     :mod:`neural_mechanics_ext.symmetry.prove`).  Nothing of ``model`` is changed: capture and proof run
-    on a float64 deep copy, in the model's current train/eval mode.
+    on a float64 deep copy (or, with a twin, on the float64 twin and then on ``model`` without writing to
+    it), in the model's current train/eval mode.
 
     Args:
         model: any ``nn.Module`` whose forward runs on ``example_inputs``.
@@ -51,6 +52,11 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         verbose: print the table of families and the rejected candidates with their reasons.
         return_rejected: also return the rejected candidates.
         seed: seed for the random targets and for dropout during capture and proof.
+        twin_layers: discover and prove (float64) on a reduced-depth twin of a Hugging Face model with this
+            many layers (>= 3), map the families to every layer and check them on ``model`` itself in its own
+            dtype (:mod:`neural_mechanics_ext.symmetry.twin`; :class:`TwinError` when the model's layers
+            differ).  ``None``: the whole model.  ``"auto"`` (default): a 3-layer twin above
+            ``TWIN_AUTO_PARAMS`` (250M) parameters when the model has one (with a warning), else the whole model.
 
     Returns:
         the proved families, in the order of the layers in the forward pass; with

@@ -30,8 +30,10 @@ step: every mapped family is proved again on the full model, in its own dtype, w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import sys
 import warnings
 from typing import Dict, List, Optional, Set
 
@@ -75,7 +77,10 @@ class Twin:
                                         f"[{self.keep[self.role(i)]}] = {val[self.keep[self.role(i)]]!r}")
                 setattr(cfg, key, type(val)(val[i] for i in self.keep))
         try:
-            twin = type(model)(cfg)
+            with _no_init():      # every twin tensor is overwritten by the model's below
+                twin = type(model)(cfg)
+            if callable(getattr(twin, "tie_weights", None)):
+                twin.tie_weights()     # part of the skipped init_weights
         except Exception as exc:
             raise TwinError(f"type(model)(config) with num_hidden_layers={layers} failed: {exc}") from exc
         self._pattern = re.compile(r"(?<![\w.])" + re.escape(self.prefix) + r"\.(\d+)(?!\d)")
@@ -247,6 +252,13 @@ def twin_for(model: torch.nn.Module, twin_layers) -> Optional[Twin]:
 
 
 # ---------------------------------------------------------------------- helpers
+def _no_init():
+    """Hugging Face's switch that skips the random init of a model whose weights are loaded next (already
+    imported when the model is a Hugging Face one); no-op otherwise."""
+    init = sys.modules.get("transformers.initialization")
+    return init.no_init_weights() if hasattr(init, "no_init_weights") else contextlib.nullcontext()
+
+
 def _layer_stack(model: torch.nn.Module, depth: int) -> str:
     stacks = [name for name, mod in model.named_modules()
               if isinstance(mod, torch.nn.ModuleList) and len(mod) == depth]
