@@ -128,8 +128,10 @@ def test_layers_that_differ_are_refused_with_the_reason():
 def test_models_that_cannot_have_a_twin():
     with pytest.raises(TwinError, match="config.num_hidden_layers"):
         Twin(torch.nn.Sequential(torch.nn.Linear(3, 3)), 3)
+    shallow = llama(2, layers=3)
     with pytest.raises(TwinError, match="not more than twin_layers=3"):
-        Twin(llama(2, layers=3), 3)
+        Twin(shallow, 3)
+    assert sig(discover(shallow, 3)[0]) == sig(discover(shallow, None)[0])    # no deeper than a twin: whole model
     with pytest.raises(ValueError, match="twin_layers must be an int >= 3"):
         Twin(llama(2), 2)
     model = llama(2)

@@ -144,6 +144,7 @@ def _via_twin(model, twin, example_inputs, loss, targets, seed, do_prove, tolera
     twin.model.double()
     setup = ProofSetup(twin.model, example_inputs, loss, targets, seed, float64_copy=False)
     families, refused, small_sets = _candidates(setup.capture())
+    small_sets = {twin.full_text(tag): n for tag, n in small_sets.items()}
     failed = {}
     if do_prove:
         _, bad = _prove(setup, families, tolerance)

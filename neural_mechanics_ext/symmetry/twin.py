@@ -27,6 +27,15 @@ parameter; per-layer lists of the config (``layer_types``) agree within a role; 
 same way.  What no structural check sees (a forward method patched on one layer) is caught by the last
 step: every mapped family is proved again on the full model, in its own dtype, without a copy
 (:class:`~.prove.ProofSetup` with ``float64_copy=False``).
+
+That check uses the rounding tolerance of the model's dtype (:func:`~.prove.rounding_tolerance`) for exact
+families; a family made approximate by a normaliser's eps gets, in addition, ``EPS_FACTOR`` times the
+``eps/(var + eps)`` the twin measured for each of its normalisers (the middle layers take the value of
+their role's layer), and is also checked with every eps → 0, where it must hold to the rounding tolerance.
+
+Why not capture on the meta device: the rules read values measured during the capture (the variance that
+sets the eps tolerance, integer index tensors, masks, which branch the forward takes) and the proof needs
+real gradients; a twin is real, small (3 of N layers), and the same code path as the whole-model discovery.
 """
 from __future__ import annotations
 
@@ -109,6 +118,10 @@ class Twin:
 
     def _canonical(self) -> Dict[int, int]:
         return dict(enumerate(self.keep))
+
+    def full_text(self, text: Optional[str]) -> Optional[str]:
+        """``text`` naming twin layers, naming the full layers they are."""
+        return self.rename(text, self._canonical())
 
     # -- structural checks
     def _check_middle_layers(self, model: torch.nn.Module) -> None:
@@ -225,7 +238,7 @@ class Twin:
         if len(layers) == 1:
             (j,) = layers
             return [Rejected(None, None, self.rename(rej.reason, {j: i})) for i in self.full_of_role(j)]
-        return [Rejected(None, None, self.rename(rej.reason, self._canonical()))]
+        return [Rejected(None, None, self.full_text(rej.reason))]
 
 
 def twin_for(model: torch.nn.Module, twin_layers) -> Optional[Twin]:
@@ -248,6 +261,9 @@ def twin_for(model: torch.nn.Module, twin_layers) -> Optional[Twin]:
                       f"{twin.full_layers} layers (twin_layers=None forces the whole model)", RuntimeWarning,
                       stacklevel=3)
         return twin
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(depth, int) and isinstance(twin_layers, int) and MIN_TWIN_LAYERS <= depth <= twin_layers:
+        return None        # the model is no deeper than its twin would be: the whole-model path is the same
     return Twin(model, twin_layers)
 
 
