@@ -12,5 +12,5 @@ from .family import SymmetryFamily
 from .prove import EXACT_TOLERANCE, Rejected, prove_families
 from .twin import TwinError
 
-__all__ = ["SymmetryFamily", "find_symmetries", "prove_families", "describe", "format_members", "Rejected", "EXACT_TOLERANCE",
-           "TwinError"]
+__all__ = ["SymmetryFamily", "find_symmetries", "prove_families", "describe", "format_members", "Rejected",
+           "EXACT_TOLERANCE", "TwinError"]

@@ -21,7 +21,8 @@ _LONG_NAME = {"BN": "BatchNorm", "IN": "InstanceNorm", "GN": "GroupNorm", "LN": 
 def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cross_entropy", *,
                     targets=None, prove: bool = True, tolerance: Optional[float] = None,
                     verbose: bool = False, return_rejected: bool = False, seed: int = 0,
-                    twin_layers: Union[int, str, None] = "auto") -> Union[List[SymmetryFamily], Tuple[List[SymmetryFamily], List[Rejected]]]:
+                    twin_layers: Union[int, str, None] = "auto"
+                    ) -> Union[List[SymmetryFamily], Tuple[List[SymmetryFamily], List[Rejected]]]:
     """Find every translation, scale and rescale family of ``model`` and prove each one numerically.
 
     The model is run once on ``example_inputs`` (a small batch is enough: 2-4 samples at a small
@@ -48,7 +49,8 @@ def find_symmetries(model: torch.nn.Module, example_inputs, loss: LossSpec = "cr
         prove: run the gradient check (default).  ``False`` returns the structural candidates
             unproved (``residual`` None).
         tolerance: one tolerance for every family instead of the rule (1e-8 for exact symmetries,
-            eps-aware for the scale symmetries of normalisers).
+            eps-aware for the scale symmetries of normalisers); with a twin it applies to the float64 proof
+            on the twin, the check on the model uses the rounding tolerance of its dtype.
         verbose: print the table of families and the rejected candidates with their reasons.
         return_rejected: also return the rejected candidates.
         seed: seed for the random targets and for dropout during capture and proof.
