@@ -6,7 +6,11 @@ in float32 and bfloat16; models whose layers differ are refused with the reason.
 Expected counts (derived in tests/test_symmetry_transformers.py, per layer and for the head), for L = 5:
 Llama with grouped-query attention: 3 L + 2 = 17 families (norm ↔ q/k/v columns, norm ↔ gate/up columns,
 up rows ↔ down columns; final norm ↔ lm_head, lm_head columns), L V/O refusals; GPT-2: 6 L + 4 = 34 untied
-(wpe, wte, ln_f ↔ lm_head, lm_head columns), 6 L + 1 = 31 tied.
+(wpe, wte, ln_f ↔ lm_head, lm_head columns), 6 L + 1 = 31 tied.  Qwen2 (per-layer ``config.layer_types``,
+q/k/v biases): as Llama today, 3 L + 2 = 17.  BERT (post-LN, ``encoder.layer``): per layer V ↔ O and the
+columns and bias of the two writers of the residual (attention output, FFN output) as translations, 5 L;
+word/position/token-type rows; the LAST layer's output LayerNorm ↔ pooler columns (a family of the last
+layer only: twin layer 2 maps to full layer 4 alone); classifier columns and bias: 5 L + 6 = 31.
 """
 from __future__ import annotations
 
@@ -54,10 +58,27 @@ def gpt2(tied):
     return model
 
 
+def qwen2():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    assert cfg.layer_types == ["full_attention"] * L
+    return transformers.Qwen2ForCausalLM(cfg).double().train()
+
+
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=L, num_attention_heads=4,
+                                  intermediate_size=24, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).double().train()
+
+
 def discover(model, twin_layers):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return find_symmetries(model, BATCH, return_rejected=True, twin_layers=twin_layers)
+        batch = {"input_ids": TOKENS, "labels": torch.tensor([0, 2])} if "Bert" in type(model).__name__ else BATCH
+        return find_symmetries(model, batch, return_rejected=True, twin_layers=twin_layers)
 
 
 def sig(families):
@@ -65,8 +86,9 @@ def sig(families):
 
 
 @pytest.mark.parametrize("build, count", [(lambda: llama(2), 3 * L + 2), (lambda: llama(4, tied=True), 4 * L),
-                                          (lambda: gpt2(False), 6 * L + 4), (lambda: gpt2(True), 6 * L + 1)],
-                         ids=["llama-gqa", "llama-mha-tied", "gpt2", "gpt2-tied"])
+                                          (lambda: gpt2(False), 6 * L + 4), (lambda: gpt2(True), 6 * L + 1),
+                                          (qwen2, 3 * L + 2), (bert, 5 * L + 6)],
+                         ids=["llama-gqa", "llama-mha-tied", "gpt2", "gpt2-tied", "qwen2", "bert"])
 def test_twin_gives_the_families_of_the_full_path(build, count):
     model = build()
     full, full_rej = discover(model, None)
