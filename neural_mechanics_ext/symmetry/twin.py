@@ -76,6 +76,8 @@ class Twin:
         self.full_layers, self.layers = depth, layers
         self.keep = list(range(layers - 1)) + [depth - 1]     # the full layer each twin layer is
         self.prefix = _layer_stack(model, depth)
+        self._pattern = re.compile(r"(?<![\w.])" + re.escape(self.prefix) + r"\.(\d+)(?!\d)")
+        self._check_middle_layers(model)          # before building anything
         cfg = copy.deepcopy(config)
         cfg.num_hidden_layers = layers
         for key, val in vars(config).items():    # per-layer lists (layer_types, ...): keep the kept layers
@@ -92,8 +94,6 @@ class Twin:
                 twin.tie_weights()     # part of the skipped init_weights
         except Exception as exc:
             raise TwinError(f"type(model)(config) with num_hidden_layers={layers} failed: {exc}") from exc
-        self._pattern = re.compile(r"(?<![\w.])" + re.escape(self.prefix) + r"\.(\d+)(?!\d)")
-        self._check_middle_layers(model)
         self.model = twin.to(next((p.device for p in model.parameters()), torch.device("cpu")))
         self._copy_state(model)
 
