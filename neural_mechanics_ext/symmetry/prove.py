@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -65,6 +66,7 @@ from .residual import family_residuals
 
 EXACT_TOLERANCE = 1e-8
 EPS_FACTOR = 10.0
+ROUNDING_FACTOR = 4.0   # see rounding_tolerance
 LOSSES = ("cross_entropy", "mse", "bce", None)
 
 LossSpec = Union[str, None, Callable[[Any, Any], torch.Tensor]]
@@ -80,27 +82,41 @@ class Rejected(NamedTuple):
 
 
 class ProofSetup:
-    """A float64 copy of the model, the example inputs, and a loss with fixed random targets."""
+    """The model the proof runs on, the example inputs, and a loss with fixed random targets.
+
+    By default a float64 deep copy of ``model`` (``exact_tolerance`` = EXACT_TOLERANCE).  With
+    ``float64_copy=False`` the model itself, in its own dtype, untouched (gradients come from
+    ``torch.autograd.grad``, nothing is written to ``.grad``): the check of families mapped from a
+    reduced twin onto a model too large to copy (:mod:`.twin`); its ``exact_tolerance`` is the rounding
+    tolerance of that dtype (:func:`rounding_tolerance`).
+    """
 
     def __init__(self, model: torch.nn.Module, example_inputs, loss: LossSpec = "cross_entropy",
-                 targets=None, seed: int = 0):
+                 targets=None, seed: int = 0, float64_copy: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         if not (callable(loss) or loss in LOSSES):
             raise ValueError(f"loss must be one of {LOSSES} or a callable(outputs, targets), got {loss!r}")
         if callable(loss) and targets is None:
             raise TypeError("a callable loss needs targets=...: the proof cannot guess what your loss expects")
-        try:
-            self.model = copy.deepcopy(model)
-        except Exception as exc:
-            raise TypeError(f"symmetry discovery proves each symmetry on a float64 copy of the model, so your "
-                            f"model is never modified, but copy.deepcopy(model) failed: {exc}") from exc
-        self.model.double()
-        for p in self.model.parameters():
-            p.grad = None
-        self.args, self.kwargs = _as_call(example_inputs)
+        if float64_copy:
+            try:
+                self.model = copy.deepcopy(model)
+            except Exception as exc:
+                raise TypeError(f"symmetry discovery proves each symmetry on a float64 copy of the model, so "
+                                f"your model is never modified, but copy.deepcopy(model) failed: {exc}") from exc
+            self.model.double()
+            for p in self.model.parameters():
+                p.grad = None
+            self.dtype = torch.float64
+        else:
+            self.model = model
+            self.dtype = _lowest_precision(model)
+        self.exact_tolerance = rounding_tolerance(self.dtype)
+        cast = functools.partial(_to_dtype, dtype=self.dtype)
+        self.args, self.kwargs = _as_call(example_inputs, cast)
         self.loss = loss
-        self.targets = None if targets is None else tree_map(_to_f64, targets)
+        self.targets = None if targets is None else tree_map(cast, targets)
         self.seed = seed
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
@@ -152,16 +168,36 @@ class ProofSetup:
         return {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(params, grads)}
 
 
-def _to_f64(x):
-    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+def _to_dtype(x, dtype):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
-def _as_call(example_inputs) -> Tuple[tuple, dict]:
+def _as_call(example_inputs, cast) -> Tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
-        return (), tree_map(_to_f64, example_inputs)
+        return (), tree_map(cast, example_inputs)
     if isinstance(example_inputs, (list, tuple)):
-        return tuple(tree_map(_to_f64, list(example_inputs))), {}
-    return (_to_f64(example_inputs),), {}
+        return tuple(tree_map(cast, list(example_inputs))), {}
+    return (cast(example_inputs),), {}
+
+
+def _lowest_precision(model: torch.nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float64
+
+
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """The residual an exact symmetry may show when the gradient is computed in ``dtype``.
+
+    float64: EXACT_TOLERANCE (exact symmetries measure ~1e-15).  Lower precisions: the residual of a
+    group is a cancellation ``|<g, θ>_A| / (‖g_A‖ ‖θ_A‖)``; a gradient computed with relative error ``δ``
+    per element moves it by at most ``δ`` (Cauchy-Schwarz), and ``δ`` is a multiple of the dtype's unit
+    roundoff ``u`` (``finfo.eps / 2``) that grows with the depth of the forward and backward passes.
+    ``ROUNDING_FACTOR · u`` (u = 6e-8 float32, 4.9e-4 float16, 3.9e-3 bfloat16) bounds what exact
+    families measured on Llama and GPT-2 (bench/RESULTS.md, "Discovery at scale").
+    """
+    if dtype == torch.float64:
+        return EXACT_TOLERANCE
+    return ROUNDING_FACTOR * torch.finfo(dtype).eps / 2
 
 
 def _random_targets(kind: str, out: torch.Tensor, seed: int) -> torch.Tensor:
@@ -269,6 +305,7 @@ def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Opti
     if not families:
         return [], []
     named = dict(setup.model.named_parameters(remove_duplicate=False))
+    exact = setup.exact_tolerance
     flags = [bool(f.extra.get("approx")) or (i < len(check_limit) and bool(check_limit[i]))
              for i, f in enumerate(families)]
     grads = setup.gradients()
@@ -281,7 +318,7 @@ def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Opti
         if not math.isfinite(fam.residual):
             fam.residual = float("inf")
         tol = tolerance if tolerance is not None else (fam.tolerance if fam.tolerance is not None
-                                                       else EXACT_TOLERANCE)
+                                                       else exact)
         fam.tolerance = tol
         if r0 is not None:
             fam.extra["residual_eps_limit"] = float(r0.max()) if r0.numel() else 0.0
@@ -290,9 +327,9 @@ def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Opti
             rejected.append(Rejected(fam, fam.residual, f"{forced} (measured residual {fam.residual:.2e})"))
             continue
         approx = bool(fam.extra.get("approx")) and r0 is not None
-        if approx and not fam.extra["residual_eps_limit"] <= EXACT_TOLERANCE:
+        if approx and not fam.extra["residual_eps_limit"] <= exact:
             rejected.append(Rejected(fam, fam.residual, f"gradient check failed even with normaliser eps → 0: "
-                                     f"residual {fam.extra['residual_eps_limit']:.2e} > {EXACT_TOLERANCE:.0e} "
+                                     f"residual {fam.extra['residual_eps_limit']:.2e} > {exact:.0e} "
                                      f"(group {int(r0.argmax())})"))
             continue
         if fam.residual <= tol:
@@ -303,7 +340,7 @@ def prove(setup: ProofSetup, families: Sequence[SymmetryFamily], tolerance: Opti
                    f"eps breaks it: residual {fam.residual:.2e} > tolerance {tol:.1e}")
         else:
             why = f"gradient check failed: residual {fam.residual:.2e} > tolerance {tol:.1e} (group {worst})"
-            if r0 is not None and fam.extra["residual_eps_limit"] <= EXACT_TOLERANCE:
+            if r0 is not None and fam.extra["residual_eps_limit"] <= exact:
                 why += (f"; it holds exactly as normaliser eps → 0 (residual "
                         f"{fam.extra['residual_eps_limit']:.1e}): set family.tolerance to accept the "
                         f"eps-approximate symmetry")
