@@ -85,9 +85,12 @@ def sig(families):
     return [(f.name, f.kind, f.members, f.layer, f.note) for f in families]
 
 
-@pytest.mark.parametrize("build, count", [(lambda: llama(2), 3 * L + 2), (lambda: llama(4, tied=True), 4 * L),
-                                          (lambda: gpt2(False), 6 * L + 4), (lambda: gpt2(True), 6 * L + 1),
-                                          (qwen2, 3 * L + 2), (bert, 5 * L + 6)],
+# Counts as derived in tests/test_symmetry_transformers.py: Llama per layer 3 + G (Q/K per kv head) + V/O (1
+# without GQA, G with it), + 2 untied (final norm ↔ lm_head, lm_head columns); GPT-2 1 + 8 L (+ 3 untied);
+# BERT 3 + 6 L + 1 + 2.
+@pytest.mark.parametrize("build, count", [(lambda: llama(2), 7 * L + 2), (lambda: llama(4, tied=True), 8 * L),
+                                          (lambda: gpt2(False), 8 * L + 4), (lambda: gpt2(True), 8 * L + 1),
+                                          (qwen2, 7 * L + 2), (bert, 6 * L + 6)],
                          ids=["llama-gqa", "llama-mha-tied", "gpt2", "gpt2-tied", "qwen2", "bert"])
 def test_twin_gives_the_families_of_the_full_path(build, count):
     model = build()
@@ -122,7 +125,7 @@ def test_a_forward_patched_on_one_layer_is_caught_by_the_check_on_the_model():
                                    mlp)
     fams, rejected = discover(model, 3)
     name = "model.layers.2.mlp.up_proj → model.layers.2.mlp.down_proj (rescale)"
-    assert name not in {f.name for f in fams} and len(fams) == 3 * L + 1
+    assert name not in {f.name for f in fams} and len(fams) == 7 * L + 1
     (r,) = [r for r in rejected if r.family is not None and r.family.name == name]
     assert "gradient check failed" in r.reason and r.residual > 1e-4     # measured 8e-4
 
