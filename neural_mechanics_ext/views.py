@@ -57,6 +57,8 @@ def strided(flat: torch.Tensor, view: Full) -> torch.Tensor:
     """``[A, K, B]`` view (no copy) of the elements of a contiguous 1-D tensor that ``view`` addresses:
     ``out[a, k, b] = flat[offset + a*a_stride + k*B + b]``.  Writable; its elements are distinct."""
     a, k, b, offset, a_stride = view
+    if offset == 0 and a_stride == k * b and a * k * b == flat.numel():
+        return flat.view(a, k, b)   # the whole tensor: a plain view, which torch.compile traces once for all shapes
     return flat.as_strided((a, k, b), (a_stride, b, 1), flat.storage_offset() + offset)
 
 

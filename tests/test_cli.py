@@ -21,7 +21,8 @@ import torch
 from neural_mechanics_ext.app import cli
 from neural_mechanics_ext.summary import errors_from_history
 from neural_mechanics_ext.runfolder import read_train_log
-from neural_mechanics_ext.app.runner import RunConfig, run_training, train_config
+from neural_mechanics_ext.app.commands import train_config
+from neural_mechanics_ext.app.runner import RunConfig, run_training
 from neural_mechanics_ext.sinks import read_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "demo": ("neural_mechanics_ext.app.runner", "demo", "train the built-in demo (no download) and write a report"),
-    "train": ("neural_mechanics_ext.app.runner", "train", "train a model (paper presets or your own data) with tracking"),
+    "demo": ("neural_mechanics_ext.app.commands", "demo", "train the built-in demo (no download) and write a report"),
+    "train": ("neural_mechanics_ext.app.commands", "train", "train a model (paper presets or your own data) with tracking"),
     "report": ("neural_mechanics_ext.app.report", "report", "redraw the figures and report.html of a run folder"),
     "check": ("neural_mechanics_ext.app.check", "check", "check the Hessian constraints of a model's symmetries"),
     "bench": ("neural_mechanics_ext.bench", "bench", "run the benchmark suite and print the ratio table"),
