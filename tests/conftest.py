@@ -30,6 +30,16 @@ def _cuda_emulated(xs, views, ys=None, zs=None):
 CPU = Backend("cpu", torch.device("cpu"), nmx.slice_moments)
 EMULATED = Backend("cuda-emulated", torch.device("cpu"), _cuda_emulated)
 CUDA = Backend("cuda", torch.device("cuda"), nmx.slice_moments)
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two spinning ones (restored after).  A module asks
+    for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 needs_emulation = pytest.mark.skipif(not nmx.build_info()["cuda_emulated"],
                                      reason="this build has no emulated CUDA kernels")
 

@@ -27,13 +27,7 @@ lion_pytorch = pytest.importorskip("lion_pytorch")
 COL = {c: i for i, c in enumerate(nmx.MOMENTS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two spinning ones (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_v(seed=0):

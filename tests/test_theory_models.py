@@ -159,13 +159,7 @@ class Run:
         return ((pred - emp).abs().max() / self.mag[name][start:].max()).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two spinning ones (and restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 exact = lambda kind, M: ExactIntegrator(kind, M)  # noqa: E731

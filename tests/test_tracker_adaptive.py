@@ -23,12 +23,7 @@ from test_theory_adaptive import OPTIMIZERS, Teacher, direct_angle, model_p, mod
 lion_pytorch = pytest.importorskip("lion_pytorch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scale_rows(net):
