@@ -57,8 +57,10 @@ def format_summary(run_dir: str) -> str:
     d = o.get("direct")
     if d and "percent" in d:
         q1, q3 = d.get("percent_quartiles") or (math.nan, math.nan)
-        text += (f"; {d['percent']:+.1f} % measured directly (median of {d['steps']} paired steps with vs "
-                 f"without, quartiles {q1:+.0f} .. {q3:+.0f} %)")
+        blocks = (f"{d['rounds']} interleaved blocks of {d['block_steps']} steps" if "rounds" in d
+                  else f"{d['steps']} paired steps")   # run folders written before app/overhead.py
+        text += (f"; {d['percent']:+.1f} % measured directly (median over {blocks} with vs without, "
+                 f"quartiles {q1:+.0f} .. {q3:+.0f} %)")
     lines.append(text)
     loss = s.get("final_loss")
     if loss is not None:
