@@ -3,12 +3,12 @@ Llama (RoPE, grouped-query attention, SwiGLU) and a tiny GPT-2 (fused Conv1D c_a
 that discovery finds (Q/K per rotation pair, V/O per kv head, norm ↔ readers, SwiGLU, translations), with
 weight decay.  Each family's exact prediction must follow the empirical quantity to ≤ 1e-10 relative.
 
-Why these symmetries are exact here: none of the families found is absorbed by a normaliser's *scale*
-invariance (that is where eps breaks a symmetry, THEORY_TRANSFORMERS.md: the residual-stream scale, not
-found yet).  Q/K, V/O, SwiGLU and norm ↔ readers are rescales compensated exactly by the readers' weights;
-the translations are absorbed by LayerNorm's mean subtraction or by cross-entropy, both exact for any eps.
-So the models keep their default eps; what must be removed is HF's float32 round trip inside
-``LlamaRMSNorm``, which would make every symmetry float32-exact only: the training forward runs under
+Why these symmetries are exact here: Q/K, V/O, SwiGLU and norm ↔ readers are rescales compensated exactly
+by the readers' weights; the translations are absorbed by LayerNorm's mean subtraction or by cross-entropy,
+both exact for any eps.  The residual stream's scale (joint: every writer of the stream × α) is absorbed by
+the normalisers' scale invariance, which their eps breaks at O(eps/var) (THEORY_TRANSFORMERS.md): the models
+are built with eps = 1e-30 (exact in float64; torch refuses 0).  HF's float32 round trip inside
+``LlamaRMSNorm`` would make every symmetry float32-exact only: the training forward runs under
 :class:`KeepFloat64` (casts of float64 tensors to a lower precision are no-ops).
 """
 from __future__ import annotations
@@ -30,17 +30,20 @@ V, STEPS = 13, 40
 def llama():
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                   tie_word_embeddings=False, attn_implementation="sdpa")
+                                   tie_word_embeddings=False, attn_implementation="sdpa", rms_norm_eps=1e-30)
     return transformers.LlamaForCausalLM(cfg)
 
 
 def gpt2():
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, layer_norm_epsilon=1e-30)
     return transformers.GPT2LMHeadModel(cfg)
 
 
-@pytest.mark.parametrize("make, kinds", [(llama, {"rescale", "translation"}), (gpt2, {"rescale", "translation"})],
+KINDS = {"scale", "rescale", "translation"}      # scale: the residual stream
+
+
+@pytest.mark.parametrize("make, kinds", [(llama, KINDS), (gpt2, KINDS)],
                          ids=["llama-gqa", "gpt2"])
 def test_exact_predictions_on_a_tiny_transformer(make, kinds):
     torch.manual_seed(0)

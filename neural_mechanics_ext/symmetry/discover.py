@@ -9,7 +9,7 @@ import torch
 from .describe import describe
 from .family import SymmetryFamily
 from .prove import EPS_FACTOR, EXACT_TOLERANCE, LossSpec, ProofSetup, Rejected, prove
-from .rules import build_candidate, find_sources
+from .rules import build_candidate, find_sources, joint_sources
 from .twin import twin_for
 
 MIN_SET_SIZE = 8   # fewer values per normalised set than this: warn that the proof is ill-conditioned
@@ -106,8 +106,11 @@ def _candidates(graph) -> Tuple[List[SymmetryFamily], List[Rejected], dict]:
     families: List[SymmetryFamily] = []
     refused: List[Rejected] = []
     small_sets = {}
-    for src in find_sources(graph):
-        cand = build_candidate(graph, src)
+    deaths = []
+    cands = [build_candidate(graph, src, deaths) for src in find_sources(graph)]
+    # then the joint candidates, which start where single sources died at a join
+    cands += [build_candidate(graph, src) for src in joint_sources(graph, deaths)]
+    for cand in cands:
         if cand is None:
             continue
         if cand.refusal:
@@ -147,6 +150,8 @@ def _via_twin(model, twin, example_inputs, loss, targets, seed, do_prove, tolera
         rejected.extend(twin.map_rejected(r))
     checked = []
     for fam, origin, mapping in mapped:
+        if fam.extra.get("approx"):     # its normalisers in every full layer, not the twin's
+            fam.note = _approx_note(fam.extra["approx"], sum(r for _, _, r, _ in fam.extra["approx"]))
         if id(origin) in failed:
             r = failed[id(origin)]
             rejected.insert(0, Rejected(fam, r.residual, "on the twin: " + twin.rename(r.reason, mapping)))

@@ -318,9 +318,12 @@ def _clone(twin: Twin, fam: SymmetryFamily, mapping: Dict[int, int], expand) -> 
     """``fam`` with layer indices renamed by ``mapping`` (and, for a family joining every layer, each
     layer member expanded to every full layer of its role)."""
     members = []
-    for name, view, sign in fam.members:
+    block = -1      # forward order of a family joining every layer: full layer by layer, each as in the twin
+    for t, (name, view, sign) in enumerate(fam.members):
         for new in (expand(name) if expand else [twin.rename(name, mapping)]):
-            members.append((new, view, sign))
+            block = next(iter(twin.layers_in(new)), block)
+            members.append(((block, t), (new, view, sign)))
+    members = [m for _, m in sorted(members, key=lambda km: km[0])] if expand else [m for _, m in members]
     extra = dict(fam.extra)
     if "approx" in extra:
         approx = []

@@ -34,11 +34,14 @@ class Candidate:
     families: List[SymmetryFamily] = field(default_factory=list)
 
 
-def build_candidate(graph: Graph, src: Source) -> Optional[Candidate]:
-    """Propagate one source; return its candidate family, or None when there is no symmetry."""
+def build_candidate(graph: Graph, src: Source, deaths: Optional[list] = None) -> Optional[Candidate]:
+    """Propagate one source; return its candidate family, or None when there is no symmetry (then
+    ``(src, reason)`` is appended to ``deaths`` when given: a joint candidate may start there)."""
     try:
         prop = propagate(graph, src)
-    except Dead:
+    except Dead as dead:
+        if deaths is not None:
+            deaths.append((src, dead))
         return None
     if not prop.absorbers and not prop.consumers and not prop.paired:
         return None
@@ -59,7 +62,10 @@ def build_candidate(graph: Graph, src: Source) -> Optional[Candidate]:
         fam.extra.update(extra)
         cand.families.append(fam)
     cand.family = cand.families[0]
-    refusals = [r for r in (_sharing_refusal(graph, f.members) for f in cand.families) if r]
+    # A joint candidate accounts for every use of its parameters (:mod:`.joint`): a parameter used by
+    # several calls (an embedding tied to the lm_head) is fine when each of those uses is one of its own.
+    covered = set(src.covers) | prop.covered if src.what == "joint" else None
+    refusals = [r for r in (_sharing_refusal(graph, f.members, covered) for f in cand.families) if r]
     cand.refusal = refusals[0] if refusals else None
     return cand
 
@@ -79,6 +85,10 @@ def _part_name(src: Source, prop: Propagation, members, name: str) -> str:
 def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List[str]) -> Tuple[str, str]:
     if src.mode != SCALE:
         return "translation", f"{src.layer} (translation, {src.what})"
+    if src.what == "joint":
+        if prop.consumers:
+            return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale, joint)"
+        return "scale", f"{src.layer} (scale, joint)"
     if prop.consumers:
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
     if prop.paired:     # query·key: the inverse side is part of the source
@@ -98,7 +108,7 @@ def _members(src: Source, prop: Propagation):
     maps += [(pn, cm, -1, None) for _, pn, cm in prop.consumers]
     whole = _whole_views(maps, table, odd)
     if whole is not None:
-        return [whole], []
+        return _distinct([whole])
     if any(view is not None for _, _, _, view in maps):
         return [], ["a member with a fixed view meets members that need views of part of a tensor"]
     entries = []        # (name, elements by group, sign, numel), one per parameter and parity
@@ -121,7 +131,20 @@ def _members(src: Source, prop: Propagation):
             return [], [f"the {len(groups)} groups of {', '.join(dict.fromkeys(e[0] for e in entries))} "
                          f"need more than {MAX_VIEWS} views per family"]
         families.extend(block)
-    return families, []
+    return _distinct(families)
+
+
+def _distinct(families):
+    """Each member once: a tied parameter is both a writer and a compensator of a joint candidate (the
+    same view, the same sign); with opposite signs it would be scaled by α and 1/α at once."""
+    out = []
+    for members in families:
+        signs = {}
+        for pn, view, sign in members:
+            if signs.setdefault((pn, tuple(view)), sign) != sign:
+                return [], [f"{pn} would be scaled by α and by 1/α at once"]
+        out.append([(pn, view, sign) for (pn, view), sign in signs.items()])
+    return out, []
 
 
 def _whole_views(maps, table, odd) -> Optional[list]:
@@ -180,9 +203,14 @@ def _split(groups, entries) -> Optional[List[list]]:
     return None
 
 
-def _sharing_refusal(graph: Graph, members) -> Optional[str]:
-    """Shared or tied parameters: the rules assume each parameter is used by exactly one call."""
+def _sharing_refusal(graph: Graph, members, covered=None) -> Optional[str]:
+    """Shared or tied parameters: the rules assume each parameter is used by exactly one call, unless
+    ``covered`` (``(parameter, call index)``) accounts for each of its uses."""
     for pn, _, _ in members:
+        if covered is not None and all((pn, n.index) in covered for n in graph.param_uses.get(pn, [])):
+            if pn in graph.frozen:
+                return f"parameter {pn} is frozen (requires_grad=False)"
+            continue
         if pn in graph.tied:
             return (f"parameter {pn} is tied: the same tensor is also registered as "
                     f"{', '.join(x for x in graph.tied[pn] if x != pn)}")

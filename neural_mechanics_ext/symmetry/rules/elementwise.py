@@ -104,7 +104,9 @@ def add_sub(prop, node, args, kwargs) -> None:
             return _join(prop, node, a if ra else b, b if ra else a)
         if op == "add" and hand_written_eps(prop, node, a if ra else b, b if ra else a):
             return prop.set(out, torch.broadcast_to(prop.g[a if ra else b], out.shape).clone())
-        raise Dead(f"{where} adds a tensor that does not scale (a residual join, or a bias)")
+        other = b if ra else a
+        raise Dead(f"{where} adds a tensor that does not scale (a residual join, or a bias)",
+                   needs=[other] if isinstance(other, Value) else [])
     if ra and rb:
         if op == "sub" and _same_shift(prop, a, b, out):    # x − mean(x): the shift cancels
             prop.merge_rows(torch.stack([torch.broadcast_to(prop.g[v], out.shape).reshape(-1) for v in (a, b)], 1),

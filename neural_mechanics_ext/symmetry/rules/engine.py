@@ -32,21 +32,34 @@ def propagate(graph: Graph, src: Source) -> Propagation:
     if src.inside:
         prop.paired.append(src.node)
         return prop
-    prop.set(src.node.outputs[0], src.g, src.p)
     for v, g in src.more:
         prop.set(v, g)
-    for node in graph.nodes[src.node.index + 1:]:
-        if not any(v in prop.g for v in node.inputs) or not graph.affects_loss(node):
-            continue
-        if node.opaque:
-            raise Dead(node.opaque)
-        rule = PROPAGATE.get(node.op)
-        if rule is None:
-            what = "scaling" if prop.mode == SCALE else "shift"
-            raise Dead(f"{describe_op(node)} does not preserve the {what}")
-        args, kwargs = node.call_args()
-        prop.in_degrees = {prop.degree(v) for v in node.inputs if v in prop.g}
-        rule(prop, node, args, kwargs)
-    if graph.loss in prop.g:
-        raise Dead("the perturbation reaches the loss")
+    pending = {}        # call index -> the outputs it perturbs once it has run (a parameter's: -1)
+    for v, g, p in [(src.node.outputs[0], src.g, src.p)] + [(v, g, None) for v, g in src.later]:
+        pending.setdefault(v.producer.index if v.producer is not None else -1, []).append((v, g, p))
+    for v, g, p in pending.pop(-1, ()):
+        prop.set(v, g, p, degree=1.0)
+    try:
+        for node in graph.nodes[min(pending):]:
+            if any(v in prop.g for v in node.inputs) and graph.affects_loss(node):
+                _follow(prop, node)
+            for v, g, p in pending.pop(node.index, ()):
+                prop.set(v, g, p, degree=1.0)
+        if graph.loss in prop.g:
+            raise Dead("the perturbation reaches the loss")
+    except Dead as dead:
+        dead.prop = prop
+        raise
     return prop
+
+
+def _follow(prop: Propagation, node) -> None:
+    if node.opaque:
+        raise Dead(node.opaque)
+    rule = PROPAGATE.get(node.op)
+    if rule is None:
+        what = "scaling" if prop.mode == SCALE else "shift"
+        raise Dead(f"{describe_op(node)} does not preserve the {what}")
+    args, kwargs = node.call_args()
+    prop.in_degrees = {prop.degree(v) for v in node.inputs if v in prop.g}
+    rule(prop, node, args, kwargs)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import math
+from typing import List, Optional
+
 from ..capture import SIGNATURES, Value, bind_args
-from .state import F64, SHIFT, Dead, describe_op, is_zero
+from .state import F64, SHIFT, Dead, Source, describe_op, is_zero, layer_name
 
 MOVE = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
         "movedim", "squeeze", "unsqueeze", "expand", "expand_as", "broadcast_to", "repeat", "tile",
@@ -19,13 +22,47 @@ MOVE = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "per
         "property_T", "property_mT", "ravel"}
 
 
+JOINS = {"cat", "stack", "hstack", "vstack"}
+
+
 def replay(prop, node, args, kwargs) -> None:
+    if node.op in JOINS:    # unperturbed parts beside perturbed ones: what a joint candidate would add
+        prop.wants.extend(v for v in node.inputs if v.is_float and v not in prop.g)
     gl = prop.rerun(node, prop.g)
     pl = prop.rerun(node, prop.p) if prop.mode == SHIFT else [None] * len(gl)
     for out, g, p in zip(node.outputs, gl, pl):
         if out is not None and isinstance(g, torch.Tensor) and out.is_float:
             if bool((g >= 0).any()):
                 prop.set(out, g.to(F64), None if p is None else p.to(F64))
+
+
+def cat_sources(node, graph) -> List[Source]:
+    """A parameter concatenated to activations (a class token, register tokens; through ``expand``): shifted
+    uniformly, it shifts the positions it fills, by one value (one group)."""
+    out = []
+    for v in dict.fromkeys(node.inputs):
+        w = _param_behind(v)
+        if w is None or not v.is_float:
+            continue
+        labels = {u: torch.full(u.shape, 0.0 if u is v else -1.0, dtype=F64) for u in node.inputs if u.is_float}
+        args, kwargs = node.call_args(lambda u: labels.get(u, u.tensor))
+        g = node.func(*args, **kwargs)
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(node.outputs[0].shape):
+            continue
+        out.append(Source(SHIFT, node, layer_name(w.name), "token", 1, g.to(F64), g.to(F64).clone(),
+                          [(w.name, None, 1, (1, 1, math.prod(w.shape)))]))
+    return out
+
+
+def _param_behind(v: Value, depth: int = 0) -> Optional[Value]:
+    """The parameter that ``v`` is a moved copy of (``cls_token.expand(B, -1, -1)``), or None."""
+    if v.kind == "param":
+        return v
+    node = v.producer
+    if node is None or node.op not in MOVE or depth > 8:
+        return None
+    inputs = [x for x in node.inputs if x.is_float]
+    return _param_behind(inputs[0], depth + 1) if len(inputs) == 1 else None
 
 
 def setitem(prop, node, args, kwargs) -> None:

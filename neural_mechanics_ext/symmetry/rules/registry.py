@@ -55,6 +55,7 @@ SOURCES: Dict[str, Callable[..., List[Source]]] = {
     "scaled_dot_product_attention": query_key.sources,
     "multi_head_attention_forward": attention.mha_sources,
     "embedding": linear.embedding_sources,
+    "cat": movement.cat_sources,
     "mul": elementwise.mul_sources,
     "add": elementwise.add_sources,
     **dict.fromkeys(normalisers.NORMALISERS - {"normalize"}, normalisers.sources),

@@ -29,7 +29,14 @@ NORM_TAG = {"batch_norm": "BN", "instance_norm": "IN", "group_norm": "GN", "laye
 
 
 class Dead(Exception):
-    """The perturbation reached something that does not preserve or absorb it."""
+    """The perturbation reached something that does not preserve or absorb it.  ``needs``: activations
+    that, scaled with it by their own writers, would let a scaling pass (the other term of a residual
+    join; :mod:`.joint`).  ``prop``: the propagation it ended (set by :func:`.engine.propagate`)."""
+
+    def __init__(self, msg: str, needs=()):
+        super().__init__(msg)
+        self.needs = list(needs)
+        self.prop = None
 
 
 class UnionFind:
@@ -93,6 +100,12 @@ class Source:
     more: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
     # compensated inside the call (attention in one call): the output is unchanged, ``g`` is None
     inside: bool = False
+    # joint candidates (:mod:`.joint`): further writers, each (value, labels) set once the call producing
+    # it has run (a parameter's from the start); label pairs (a, b, odd) joined from the start; and the
+    # (parameter, call) uses the writers account for
+    later: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
+    links: List[Tuple[int, int, int]] = field(default_factory=list)
+    covers: List[Tuple[str, int]] = field(default_factory=list)
 
 
 class Propagation:
@@ -104,11 +117,15 @@ class Propagation:
         self.src = src
         self.mode = src.mode
         self.uf = UnionFind(src.k0)
+        for a, b, odd in src.links:
+            self.uf.union(a, b, odd)
         self.g: Dict[Value, torch.Tensor] = {}
         self.p: Dict[Value, torch.Tensor] = {}
         self.absorbers: List[Node] = []
         self.consumers: List[Tuple[Node, str, torch.Tensor]] = []
         self.joined: List[Tuple[str, torch.Tensor]] = []     # parameters scaled with the source
+        self.covered: set = set()          # (parameter, call index) of every consumer and joined use
+        self.wants: List[Value] = []       # unperturbed parts met beside perturbed ones (a concatenation)
         self.paired: List[Node] = []       # products where a query-side scaling meets its inverse key side
         # A scaling reaches an element as α^d: d = 1 from a source, other powers after pow/sqrt/rsqrt or a
         # product of two scaled tensors (a hand-written normaliser); d = 0 is invariance.
@@ -218,6 +235,7 @@ class Propagation:
             raise Dead(f"{describe_op(node)} reads a tensor scaled to a power other than 1, which its weights "
                        f"cannot compensate")
         self.consumers.append((node, w.name, cmap.to(F64)))
+        self.covered.add((w.name, node.index))
 
     def join(self, node: Node, w: Value, cmap: torch.Tensor) -> None:
         """``w``'s slices ``cmap`` scale with the source (a bias added after a scaled weight): they join
@@ -225,6 +243,7 @@ class Propagation:
         if self.in_degrees != {1.0}:
             raise Dead(f"{describe_op(node)} adds {w.name} to a tensor scaled to a power other than 1")
         self.joined.append((w.name, cmap.to(F64)))
+        self.covered.add((w.name, node.index))
 
     def rerun(self, node: Node, labels: Dict[Value, torch.Tensor]):
         """Replay a data-movement call on label tensors; returns its flattened outputs."""
