@@ -523,3 +523,59 @@ def test_an_op_without_a_handler_ends_the_candidate():
         propagate(g, src)
     assert build_candidate(g, src) is None
 
+
+
+# ---------------------------------------------------------------------- joint candidates (rules/joint.py)
+def test_a_residual_join_names_the_term_that_would_have_to_scale_too():
+    g = trace(lambda m, x, y: x + y, torch.randn(2, 4), torch.randn(2, 4))
+    with pytest.raises(Dead) as dead:
+        run(g, "add", [CH, None])
+    assert dead.value.needs == [node_of(g, "add").inputs[1]]
+
+
+def test_writers_are_found_back_through_copies_views_sums_and_concatenations():
+    from neural_mechanics_ext.symmetry.rules.joint import writers_of
+
+    def fn(m, idx, x):
+        e = F.embedding(idx, m.tab)                                            # writer: the table
+        h = F.linear(x, m.w, m.b)                                              # writer: w and b
+        t = torch.cat([m.cls.expand(2, 1, 4), F.dropout(h, 0.0).view(2, 3, 4)], 1)  # the class token writes itself
+        return (e + t).sum(), F.gelu(h)
+    g = trace(fn, torch.randint(0, 5, (2, 4)), torch.randn(6, 3), tab=torch.randn(5, 4), w=torch.randn(4, 3),
+              b=torch.randn(4), cls=torch.randn(1, 1, 4))
+    add = node_of(g, "add")
+    ws = writers_of(add.outputs[0])
+    assert sorted(w.params for w in ws) == [("cls",), ("tab",), ("w", "b")]
+    assert writers_of(node_of(g, "gelu").outputs[0]) is None          # an activation function: no writer
+    assert writers_of(node_of(g, "linear").inputs[0]) is None         # a model input: no writer
+
+
+def test_the_stream_of_a_pre_norm_block_is_one_scale_group_and_a_missing_writer_ends_it():
+    """x = emb + lin2(ln(emb)): scaling emb and lin2 together is absorbed by the final LayerNorm; with the
+    model input added to the stream instead of a writer, no joint family exists."""
+    from neural_mechanics_ext.symmetry.rules import joint_sources
+
+    def block(m, idx, noise):
+        x = F.embedding(idx, m.tab)
+        x = x + F.linear(F.relu(F.linear(F.layer_norm(x, (4,)), m.w1)), m.w2, m.b2)
+        if noise is not None:
+            x = x + noise
+        return F.linear(F.layer_norm(x, (4,)), m.head)
+
+    params = dict(tab=torch.randn(5, 4), w1=torch.randn(6, 4), w2=torch.randn(4, 6), b2=torch.randn(4),
+                  head=torch.randn(3, 4))
+    idx = torch.randint(0, 5, (2, 3))
+    for noise in (None, torch.randn(2, 3, 4)):
+        g = trace(lambda m, i, n=noise: block(m, i, n), idx, **params)
+        deaths = []
+        for src in find_sources(g):
+            build_candidate(g, src, deaths)
+        joint = [build_candidate(g, s) for s in joint_sources(g, deaths)]
+        if noise is None:
+            (cand,) = joint
+            assert cand.family.kind == "scale" and "joint" in cand.name
+            assert sorted(m[0] for m in cand.family.members) == ["b2", "tab", "w2"]
+            assert all(view == (1, 1, n) for (_, view, _), n in zip(sorted(cand.family.members),
+                                                                     (4, 20, 24)))
+        else:
+            assert joint == []
