@@ -151,10 +151,11 @@ def gpt2_expected(tied: bool):
     columns (rescale), lm_head columns (translation: cross-entropy).  Tied, the last three are refused (the
     same tensor is the embedding and the lm_head).  The residual stream (joint, one group): wte, wpe and
     both c_proj of every block (weights and biases) × α, which only LayerNorms read — a scale group untied;
-    tied, the lm_head would scale the logits, so it is a rescale against ln_f (γ, β) × 1/α.  Not
-    symmetries: c_fc's units (GELU is not homogeneous), any LayerNorm β alone (it reaches a Conv1D, not an
-    absorber).  Not found yet: the key-bias translation.  21 families untied (1 + 8 L + 3 + 1), 18 tied
-    (1 + 8 L + 1)."""
+    tied, the lm_head would scale the logits, so it is a rescale against ln_f (γ, β) × 1/α.  Tied, the whole
+    wte is one translation group instead of its rows (the stream shifts alike everywhere, each position's
+    logits by one value).  Not symmetries: c_fc's units (GELU is not homogeneous), any LayerNorm β alone (it
+    reaches a Conv1D, not an absorber).  Not found yet: the key-bias translation.  21 families untied
+    (1 + 8 L + 3 + 1), 19 tied (1 + 8 L + 1 + 1)."""
     h = "transformer.h"
     fams = {S("translation", W("transformer.wpe.weight", (1, 8, E)))}
     for i in range(L):
@@ -179,6 +180,8 @@ def gpt2_expected(tied: bool):
                     (f"{h}.{i}.mlp.c_proj.weight", 4 * E * E), (f"{h}.{i}.mlp.c_proj.bias", E)]
     fams.add(stream("rescale", *writers, against=[("transformer.ln_f.weight", E), ("transformer.ln_f.bias", E)])
              if tied else stream("scale", *writers))
+    if tied:
+        fams.add(S("translation", W("transformer.wte.weight", (1, 1, V * E))))
     if not tied:
         fams |= {
             S("translation", W("transformer.wte.weight", (1, V, E))),
@@ -195,7 +198,7 @@ def test_gpt2(tied, attn):
     model = gpt2(tied, attn)
     fams, rejected = discover(model)
     expected = gpt2_expected(tied)
-    assert len(expected) == (18 if tied else 21)
+    assert len(expected) == (19 if tied else 21)
     assert fam_set(fams) == expected
     check_proved(model, fams)
     tied_refusals = [r for r in rejected if "is tied" in r.reason]

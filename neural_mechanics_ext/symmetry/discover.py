@@ -9,7 +9,7 @@ import torch
 from .describe import describe
 from .family import SymmetryFamily
 from .prove import EPS_FACTOR, EXACT_TOLERANCE, LossSpec, ProofSetup, Rejected, prove
-from .rules import build_candidate, find_sources, joint_sources
+from .rules import build_candidate, find_sources, joint_sources, tied_shifts
 from .twin import twin_for
 
 MIN_SET_SIZE = 8   # fewer values per normalised set than this: warn that the proof is ill-conditioned
@@ -107,9 +107,11 @@ def _candidates(graph) -> Tuple[List[SymmetryFamily], List[Rejected], dict]:
     refused: List[Rejected] = []
     small_sets = {}
     deaths = []
-    cands = [build_candidate(graph, src, deaths) for src in find_sources(graph)]
-    # then the joint candidates, which start where single sources died at a join
-    cands += [build_candidate(graph, src) for src in joint_sources(graph, deaths)]
+    sources = find_sources(graph)
+    cands = [build_candidate(graph, src, deaths) for src in sources]
+    # then the joint candidates, which start where single sources died at a join, and the whole-tensor
+    # shifts of tied parameters
+    cands += [build_candidate(graph, src) for src in joint_sources(graph, deaths) + tied_shifts(graph, sources)]
     for cand in cands:
         if cand is None:
             continue

@@ -57,8 +57,8 @@ from __future__ import annotations
 
 from .candidate import Candidate, build_candidate, fit_view
 from .engine import find_sources, propagate
-from .joint import joint_sources
+from .joint import joint_sources, tied_shifts
 from .state import Source, layer_name
 
 __all__ = ["Candidate", "Source", "build_candidate", "find_sources", "fit_view", "joint_sources", "layer_name",
-           "propagate"]
+           "propagate", "tied_shifts"]

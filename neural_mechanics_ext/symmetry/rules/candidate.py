@@ -64,7 +64,7 @@ def build_candidate(graph: Graph, src: Source, deaths: Optional[list] = None) ->
     cand.family = cand.families[0]
     # A joint candidate accounts for every use of its parameters (:mod:`.joint`): a parameter used by
     # several calls (an embedding tied to the lm_head) is fine when each of those uses is one of its own.
-    covered = set(src.covers) | prop.covered if src.what == "joint" else None
+    covered = set(src.covers) | prop.covered if src.what in ("joint", "tied") else None
     refusals = [r for r in (_sharing_refusal(graph, f.members, covered) for f in cand.families) if r]
     cand.refusal = refusals[0] if refusals else None
     return cand

@@ -35,7 +35,7 @@ def propagate(graph: Graph, src: Source) -> Propagation:
     for v, g in src.more:
         prop.set(v, g)
     pending = {}        # call index -> the outputs it perturbs once it has run (a parameter's: -1)
-    for v, g, p in [(src.node.outputs[0], src.g, src.p)] + [(v, g, None) for v, g in src.later]:
+    for v, g, p in [(src.node.outputs[0], src.g, src.p)] + src.later:
         pending.setdefault(v.producer.index if v.producer is not None else -1, []).append((v, g, p))
     for v, g, p in pending.pop(-1, ()):
         prop.set(v, g, p, degree=1.0)

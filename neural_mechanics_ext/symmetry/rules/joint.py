@@ -26,6 +26,7 @@ stage) are not joined, so the CNN families of THEORY.md stay what they are.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -170,7 +171,7 @@ def _source(graph: Graph, seed: Source, writers: Dict[Writer, int]) -> Source:
         return w.node_index if w.node_index >= 0 else min(n.index for n in graph.param_uses.get(w.params[0], [])
                                                           or [graph.nodes[-1]])
     for w, parity in sorted(writers.items(), key=lambda wp: where(wp[0])):
-        later.append((w.value, torch.full(w.value.shape, float(parity), dtype=F64)))
+        later.append((w.value, torch.full(w.value.shape, float(parity), dtype=F64), None))
         for pn in w.params:
             members.append((pn, torch.full(graph.params[pn].shape, parity, dtype=torch.long), 1, None))
             uses = graph.param_uses.get(pn, []) if w.node_index < 0 else [graph.nodes[w.node_index]]
@@ -210,3 +211,32 @@ def _reads_with(node, pn: str) -> Optional[Value]:
         c = contraction(node)
         return c.x if c is not None and c.w.name == pn else None
     return None
+
+
+def tied_shifts(graph: Graph, sources: List[Source]) -> List[Source]:
+    """A tied or shared parameter shifted as a whole (one group): every use's own shift source at once.
+
+    An embedding tied to the lm_head: shifting one row moves one logit, but shifting the whole table
+    shifts every position of the stream alike (LayerNorms remove it) and every logit of a position by the
+    same ``c·Σ_j x_j`` (cross-entropy removes it).  Each use's shift source already says how its output
+    shifts (a position table's rows, a Linear's columns: uniform over features per position); the
+    candidate is all of them together, one group over the whole tensor, valid when every use has one."""
+    by_param: Dict[str, List[Source]] = {}
+    for src in sources:
+        if src.mode != SCALE and src.what in ("rows", "columns") and len(src.members) == 1:
+            by_param.setdefault(src.members[0][0], []).append(src)
+    out = []
+    for pn, srcs in by_param.items():
+        uses = graph.param_uses.get(pn, [])
+        per_use = {s.node.index: s for s in srcs}
+        if len(uses) < 2 or any(n.index not in per_use for n in uses):
+            continue
+        first, *rest = [per_use[n.index] for n in uses]
+        later, offset = [], float(first.p.max()) + 1
+        for s in rest:          # distinct shift values per use (each absorber sees one use's shifts)
+            later.append((s.node.outputs[0], s.g, torch.where(s.p >= 0, s.p + offset, s.p)))
+            offset += float(s.p.max()) + 1
+        numel = math.prod(graph.params[pn].shape)
+        out.append(Source(first.mode, first.node, layer_name(pn), "tied", 1, first.g, first.p,
+                          [(pn, None, 1, (1, 1, numel))], later=later, covers=[(pn, n.index) for n in uses]))
+    return out

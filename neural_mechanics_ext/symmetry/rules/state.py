@@ -100,10 +100,10 @@ class Source:
     more: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
     # compensated inside the call (attention in one call): the output is unchanged, ``g`` is None
     inside: bool = False
-    # joint candidates (:mod:`.joint`): further writers, each (value, labels) set once the call producing
-    # it has run (a parameter's from the start); label pairs (a, b, odd) joined from the start; and the
-    # (parameter, call) uses the writers account for
-    later: List[Tuple[Value, torch.Tensor]] = field(default_factory=list)
+    # joint candidates (:mod:`.joint`): further outputs perturbed, each (value, labels, shifts or None) set
+    # once the call producing it has run (a parameter's from the start); label pairs (a, b, odd) joined from
+    # the start; and the (parameter, call) uses the candidate accounts for
+    later: List[Tuple[Value, torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=list)
     links: List[Tuple[int, int, int]] = field(default_factory=list)
     covers: List[Tuple[str, int]] = field(default_factory=list)
 
