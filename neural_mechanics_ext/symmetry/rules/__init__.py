@@ -33,6 +33,12 @@ meets with odd parity (:func:`.attention.pair_inverse`), and an odd label's para
 opposite sign.  Separate projections start together (:mod:`.query_key`); a single call that compensates
 inside (``multi_head_attention_forward``) gives its own Q/K and V/O sources.
 
+Joint candidates (:mod:`.joint`): where a layer's own scaling dies at a residual join, the writers of the
+other term join it (one group), and so on until the scaling survives — the residual stream's scale of a
+pre-norm transformer, BERT's post-LN sublayer rescales; a tied parameter is accepted when every one of its
+uses is accounted for (the stream against the final norm when the embedding is the lm_head; a tied
+embedding shifted as a whole).
+
 Choices (all follow from starting with the finest groups and merging only what an op forces):
 
 * Translation of a bias starts with one group per element.  In front of BatchNorm / InstanceNorm every
@@ -50,8 +56,8 @@ Choices (all follow from starting with the finest groups and merging only what a
 Layout: :mod:`.state` (label tensors and the helpers every handler shares), one module per op family
 (:mod:`.elementwise`, :mod:`.movement`, :mod:`.reductions`, :mod:`.linear`, :mod:`.attention`,
 :mod:`.normalisers`, :mod:`.softmax_losses`, :mod:`.query_key`), :mod:`.registry` (op name → handler),
-:mod:`.engine` (sources and propagation over a graph), :mod:`.candidate` (kind, name and member views of a
-candidate), :mod:`.fit` (views fitted to group maps).
+:mod:`.engine` (sources and propagation over a graph), :mod:`.joint` (joint and tied candidates),
+:mod:`.candidate` (kind, name and member views of a candidate), :mod:`.fit` (views fitted to group maps).
 """
 from __future__ import annotations
 
