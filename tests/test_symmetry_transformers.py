@@ -8,8 +8,13 @@ the loss must not move).  Attention: Q/K per (head, dim) — per (kv head, rotat
 every query head sharing the kv head — and V/O per (kv head, dim) with the o_proj columns of every query
 head of the group, for separate projections (Llama, Qwen2, Mistral, BERT), the fused ``c_attn`` of GPT-2,
 timm's fused ``qkv`` and ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (torchvision ViT), the same
-with ``eager`` and ``sdpa`` attention.  Views ``(A, K, B, offset, a_stride)`` address the parts.  Not found
-yet: key-bias translations, the residual stream's scale, BERT's post-LN segment rescales, the class token.
+with ``eager`` and ``sdpa`` attention.  Views ``(A, K, B, offset, a_stride)`` address the parts.  Key-bias
+translations, one group per key-bias element (``q·(k_t + c)`` shifts every logit of a query alike: the softmax
+does not see it), for separate key projections (BERT), the key part of a fused one (GPT-2, timm) and inside
+``multi_head_attention_forward`` (torchvision), never under RoPE (Qwen2), never for a query or value bias.
+QK-norm (Qwen3 per head, OLMo2 over the whole projection): the q/k projections' scale absorbed by the norm,
+q_norm γ ↔ k_norm γ per rotation pair, and no Q/K rescale of the projections' rows.  Not found yet: the
+residual stream's scale, BERT's post-LN segment rescales, the class token.
 """
 from __future__ import annotations
 
@@ -127,12 +132,14 @@ def gpt2_expected(tied: bool):
     * Q/K (rescale, E groups j = h·d + i; no RoPE, no GQA, so one family): c_attn column j and bias j
       (query) × α, column E + j and bias E + j (key) × 1/α.  Column j of W [E, 3E] is the flat elements
       j + r·3E: view (E, E, 1, 0, 3E); the key block starts at E;
-    * V/O (rescale, E groups): c_attn column 2E + j and bias 2E + j ↔ attn.c_proj row j (its input).
+    * V/O (rescale, E groups): c_attn column 2E + j and bias 2E + j ↔ attn.c_proj row j (its input);
+    * key bias (translation, E groups, one per element): c_attn bias E + j, view (1, E, 1, E, E) — the
+      key part of the fused bias; the query and value parts are not symmetries.
     Plus wpe rows (a position's shift is uniform over channels), and when untied: wte rows, ln_f ↔ lm_head
     columns (rescale), lm_head columns (translation: cross-entropy).  Tied, the last three are refused (the
     same tensor is the embedding and the lm_head).  Not symmetries: c_fc's units (GELU is not homogeneous),
-    any LayerNorm β alone (it reaches a Conv1D, not an absorber).  Not found yet: the key-bias translation.
-    20 families untied (1 + 8 L + 3), 17 tied (1 + 8 L)."""
+    any LayerNorm β alone (it reaches a Conv1D, not an absorber).
+    22 families untied (1 + 9 L + 3), 19 tied (1 + 9 L)."""
     h = "transformer.h"
     fams = {S("translation", W("transformer.wpe.weight", (1, 8, E)))}
     for i in range(L):
@@ -150,6 +157,7 @@ def gpt2_expected(tied: bool):
               W(f"{a}.c_attn.weight", (E, E, 1, E, 3 * E), -1), W(f"{a}.c_attn.bias", (1, E, 1, E, E), -1)),
             S("rescale", W(f"{a}.c_attn.weight", (E, E, 1, 2 * E, 3 * E)), W(f"{a}.c_attn.bias", (1, E, 1, 2 * E, E)),
               W(f"{a}.c_proj.weight", (1, E, E), -1)),
+            S("translation", W(f"{a}.c_attn.bias", (1, E, 1, E, E))),
         }
     if not tied:
         fams |= {
@@ -167,7 +175,7 @@ def test_gpt2(tied, attn):
     model = gpt2(tied, attn)
     fams, rejected = discover(model)
     expected = gpt2_expected(tied)
-    assert len(expected) == (17 if tied else 20)
+    assert len(expected) == (19 if tied else 22)
     assert fam_set(fams) == expected
     check_proved(model, fams)
     tied_refusals = [r for r in rejected if "is tied" in r.reason]
@@ -366,11 +374,12 @@ def bert_expected():
       uniform over the channels of a position), one family each;
     * per layer: Q/K, query row j + bias ↔ key row j + bias (no RoPE: one family of whole views); V/O,
       value row j + bias ↔ attention.output.dense column j; attention.output.dense and output.dense input
-      columns and bias (translation: they write the stream just before a LayerNorm);
+      columns and bias (translation: they write the stream just before a LayerNorm); the key bias
+      (translation, one group per element: the softmax over keys absorbs q·c);
     * the last layer's output LayerNorm (γ, β) ↔ pooler.dense column j (only the pooler reads it);
     * classifier columns and bias (cross-entropy).
-    Not per-channel LN ↔ q, k, v (a post-LN output also feeds the residual).  Not found yet: the key-bias
-    translation, the segment rescales.  3 + 6 L + 1 + 2 = 18 families."""
+    Not per-channel LN ↔ q, k, v (a post-LN output also feeds the residual); not the query or value bias
+    shifted.  Not found yet: the segment rescales.  3 + 7 L + 1 + 2 = 20 families."""
     e, lay = "bert.embeddings", "bert.encoder.layer"
     fams = {S("translation", W(f"{e}.word_embeddings.weight", (1, V, E))),
             S("translation", W(f"{e}.position_embeddings.weight", (1, 8, E))),
@@ -389,6 +398,7 @@ def bert_expected():
             S("translation", W(f"{a}.output.dense.bias", (1, 1, E))),
             S("translation", W(f"{lay}.{i}.output.dense.weight", (E, 12, 1))),
             S("translation", W(f"{lay}.{i}.output.dense.bias", (1, 1, E))),
+            S("translation", W(f"{a}.self.key.bias", (1, E, 1))),
         }
     return fams
 
@@ -400,7 +410,7 @@ def test_bert(attn):
         warnings.simplefilter("ignore")
         fams = find_symmetries(model, {"input_ids": TOKENS, "labels": CLASSES})
     expected = bert_expected()
-    assert len(expected) == 18
+    assert len(expected) == 20
     assert fam_set(fams) == expected
     check_proved(model, fams)
 
@@ -411,11 +421,12 @@ def vit_expected(prefix, ln, attn, mlp, head, patch, pos, packed):
     bias) ↔ key row E + j of the fused [3E, E] weight — views (1, E, E, 0, E·E) and (1, E, E, E·E, E·E),
     bias (1, E, 1, 0, E) and (1, E, 1, E, E); V/O: value rows 2E + j (+ bias) ↔ out-projection column j;
     ln_2 ↔ the first MLP layer; the second MLP layer's columns and bias (translation, before a LayerNorm);
+    the key bias, elements E + j of the fused bias (translation, one group per element, view (1, E, 1, E, E));
     timm's attn.proj too (torchvision's out_proj lives inside ``multi_head_attention_forward``: its columns
     and bias are not sources).  Plus the patch projection's columns and bias (translation), the position
     table's rows (translation), the final LN ↔ head columns, the head's columns and bias.  Not found yet:
     the class token (concatenated, not added), the residual stream's scale.
-    torchvision 3 + 6 L + 3 = 18, timm 3 + 8 L + 3 = 22."""
+    torchvision 3 + 7 L + 3 = 20, timm 3 + 9 L + 3 = 24."""
     qkv_w, qkv_b, out_w = packed
     fams = {S("translation", W(f"{patch}.weight", (E, 48, 1))), S("translation", W(f"{patch}.bias", (1, 1, E))),
             S("translation", W(pos, (1, 5, E))),
@@ -433,6 +444,7 @@ def vit_expected(prefix, ln, attn, mlp, head, patch, pos, packed):
               W(w, (1, E, E, E * E, E * E), -1), W(bb, (1, E, 1, E, E), -1)),
             S("rescale", W(w, (1, E, E, 2 * E * E, E * E)), W(bb, (1, E, 1, 2 * E, E)), W(o, (E, E, 1), -1)),
             S("translation", W(f"{b}.{mlp[1]}.weight", (E, 12, 1))), S("translation", W(f"{b}.{mlp[1]}.bias", (1, 1, E))),
+            S("translation", W(bb, (1, E, 1, E, E))),
         }
         if attn:
             fams |= {S("translation", W(f"{b}.{attn}.weight", (E, E, 1))),
@@ -451,7 +463,7 @@ def test_torchvision_vit():
     expected = vit_expected("encoder.layers.encoder_layer_", ("ln_1", "ln_2"), None, ("mlp.0", "mlp.3"),
                             ("encoder.ln", "heads.head"), "conv_proj", "encoder.pos_embedding",
                             (f"{sa}.in_proj_weight", f"{sa}.in_proj_bias", f"{sa}.out_proj.weight"))
-    assert len(expected) == 18
+    assert len(expected) == 20
     assert fam_set(fams) == expected
     check_proved(model, fams)
 
@@ -465,6 +477,6 @@ def test_timm_vit():
     fams = find_symmetries(model, IMAGES, targets=CLASSES)
     expected = vit_expected("blocks.", ("norm1", "norm2"), "attn.proj", ("mlp.fc1", "mlp.fc2"), ("norm", "head"),
                             "patch_embed.proj", "pos_embed", ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"))
-    assert len(expected) == 22
+    assert len(expected) == 24
     assert fam_set(fams) == expected
     check_proved(model, fams)

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from .state import F64, SCALE, Dead, Source, bind, describe_op, fibers, op_layer, param
+from .state import F64, SCALE, SHIFT, Dead, Source, bind, constant_rows, describe_op, fibers, op_layer, param
 
 
 def mha(prop, node, args, kwargs) -> None:
@@ -75,7 +75,8 @@ def _per_head_dim(prop, t, where) -> torch.Tensor:
 def sdpa(prop, node, args, kwargs) -> None:
     a = bind(node, args, kwargs)
     where = describe_op(node)
-    prop.no_shift(node)
+    if prop.mode == SHIFT:
+        return _key_shift(prop, node, a)
     if prop.reached(a.get("attn_mask")):
         raise Dead(f"{where}: the attn_mask is perturbed (attention weights would change)")
     q, k = a["query"], a["key"]
@@ -96,6 +97,22 @@ def sdpa(prop, node, args, kwargs) -> None:
         # grouped-query attention: query head h reads kv head h // (H / G)
         rep = rep.repeat_interleave(out.shape[-3] // v.shape[-3], dim=-3)
     prop.set_bcast(node, out, rep)
+
+
+def _key_shift(prop, node, a) -> None:
+    """Keys shifted by the same vector ``c`` at every position (a key bias): each logit of query ``s``
+    gains ``q_s·c`` at every key, masked or not, which the softmax inside the call does not see; the
+    output is unchanged.  A shifted query or value, a perturbed mask or a shift that differs between
+    keys changes it."""
+    where = describe_op(node)
+    for key in ("query", "value", "attn_mask"):
+        if prop.reached(a.get(key)):
+            raise Dead(f"{where}: the {key} is shifted (attention weights or output would change)")
+    k = a["key"]
+    axis = len(k.shape) - 2
+    if not (constant_rows(fibers(prop.g[k], [axis])[0]) and constant_rows(fibers(prop.p[k], [axis])[0])):
+        raise Dead(f"{where}: the keys are shifted differently at different positions")
+    prop.absorbers.append(node)
 
 
 def mha_sources(node, graph) -> List[Source]:
@@ -119,5 +136,8 @@ def mha_sources(node, graph) -> List[Source]:
         return out + ([(b.name, cm, sign, None)] if b is not None else [])
     qk = rows(0, 1) + rows(E, -1)
     vo = rows(2 * E, 1) + [(wo.name, torch.arange(E).view(1, -1).expand(wo.shape), -1, None)]
-    return [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
-            for what, members in (("query·key", qk), ("value·output", vo))]
+    out = [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
+           for what, members in (("query·key", qk), ("value·output", vo))]
+    if b is not None and not a.get("add_zero_attn", False):     # a zero key would not be shifted
+        out.append(Source(SHIFT, node, layer, "key bias", E, None, None, rows(E, 1)[1:], inside=True))
+    return out

@@ -49,4 +49,6 @@ def propagate(graph: Graph, src: Source) -> Propagation:
         rule(prop, node, args, kwargs)
     if graph.loss in prop.g:
         raise Dead("the perturbation reaches the loss")
+    if src.more and not prop.paired:    # query·key: absorbed on each side (QK-norm), never meeting
+        raise Dead("the query and key scalings never meet in a product")
     return prop
