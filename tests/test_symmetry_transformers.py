@@ -459,6 +459,35 @@ def test_near_misses_fail_the_finite_check():
                 check_finite_transformation(m, f)
 
 
+def test_bias_and_qk_norm_near_misses_fail_the_finite_check():
+    """What discovery must not find moves the loss: a key bias under RoPE (q·R_t c depends on the key's
+    position), query and value bias shifts, the Q/K rescale of the projections' rows under QK-norm, q_norm
+    ↔ k_norm per dimension instead of per rotation pair, Qwen3's per-head q_proj scale where OLMo2 norms
+    the whole projection."""
+    from neural_mechanics_ext import SymmetryFamily as F_
+    D, A, d = 2 * E, "model.layers.0.self_attn", 4
+    b, g2 = "bert.encoder.layer.0.attention.self", "transformer.h.0.attn.c_attn.bias"
+    qk_rows = next(f for f in attention_expected(A, D, 4, 2, d, rope=True, bias=False)
+                   if any(n.endswith("q_proj.weight") for n, _, _ in f[1]))[1]
+    cases = [
+        (decoder("Qwen2"), [F_("translation", "k bias under RoPE", [(f"{A}.k_proj.bias", (1, 8, 1), 1)])]),
+        (bert("eager"), [F_("translation", "query bias", [(f"{b}.query.bias", (1, E, 1), 1)]),
+                         F_("translation", "value bias", [(f"{b}.value.bias", (1, E, 1), 1)])]),
+        (gpt2(tied=False), [F_("translation", "query bias", [(g2, (1, E, 1, 0, E), 1)]),
+                            F_("translation", "value bias", [(g2, (1, E, 1, 2 * E, E), 1)])]),
+        (decoder("Qwen3", head_dim=4, rms_norm_eps=1e-30),
+         [F_("rescale", "Q/K rows under QK-norm", list(qk_rows)),
+          F_("rescale", "q_norm ↔ k_norm per dim", [(f"{A}.q_norm.weight", (1, d, 1), 1),
+                                                    (f"{A}.k_norm.weight", (1, d, 1), -1)])]),
+        (decoder("Olmo2", rms_norm_eps=1e-30, pad_token_id=None),
+         [F_("scale", "q_proj per head", [(f"{A}.q_proj.weight", (1, 4, d * D), 1)])]),
+    ]
+    for model, fams in cases:
+        for f in fams:
+            with pytest.raises(AssertionError):
+                check_finite_transformation(model, f)
+
+
 # ---------------------------------------------------------------------- BERT, ViT (post-LN; fused/packed q/k/v)
 def bert(attn):
     torch.manual_seed(0)
