@@ -5,7 +5,9 @@ The attention weights depend on queries and keys only, so a scaling of the value
 (per value feature, merged over the sequence).  A query scaled per (head, dim) together with the key it
 meets scaled by the inverse leaves every logit q·k unchanged (:func:`pair_inverse`, also used by
 ``matmul`` for eager attention); a query or key perturbed alone, or a perturbed mask, ends the candidate.
-For ``multi_head_attention_forward`` the input projections read the perturbed tensor and compensate.
+Keys shifted alike at every position (a key bias) leave the output unchanged: each logit of a query moves
+by the same ``q·c``, which the softmax does not see.  For ``multi_head_attention_forward`` the input
+projections read the perturbed tensor and compensate; its own Q/K, V/O and key bias are sources inside.
 """
 from __future__ import annotations
 
@@ -119,8 +121,10 @@ def mha_sources(node, graph) -> List[Source]:
     """The symmetries ``multi_head_attention_forward`` compensates inside the call (its output is
     unchanged): Q/K, query row ``j`` of the packed ``in_proj_weight`` (and bias) × α against key row
     ``E + j`` × 1/α (no rotary embedding inside), and V/O, value row ``2E + j`` (and bias) × α against
-    column ``j`` of ``out_proj_weight`` × 1/α.  Not with separate projection weights, ``bias_k``/``bias_v``
-    (an extra key and value that no row scales) or with a parameter read twice."""
+    column ``j`` of ``out_proj_weight`` × 1/α; and the key bias, ``in_proj_bias[E + j]`` shifted (translation,
+    one group per element; not with ``add_zero_attn``, a key it does not shift).  Not with separate
+    projection weights, ``bias_k``/``bias_v`` (an extra key and value that no row scales or shifts) or with
+    a parameter read twice."""
     a = bind(node)
     w, b, wo = param(a.get("in_proj_weight")), param(a.get("in_proj_bias")), param(a.get("out_proj_weight"))
     if w is None or wo is None or a.get("use_separate_proj_weight", False) \

@@ -175,7 +175,7 @@ def _shifted_product(prop, node, a, b) -> None:
     if ra == rb or not all(isinstance(x, Value) and x.kind != "param" and len(x.shape) >= 2 for x in (a, b)):
         raise Dead(f"{where} does not preserve a shift")
     x = b if rb else a
-    kept, inner = (-1, -2) if rb else (-2, -1)      # b: [..., d, t] (keyᵀ); a: [..., s, d]
+    kept = -1 if rb else -2     # the axis that survives: b [..., d, t] (keyᵀ), a [..., s, d]
     g, p = prop.g[x], prop.p[x]
     if not (constant_rows(fibers(g, [kept])[0]) and constant_rows(fibers(p, [kept])[0])):
         raise Dead(f"{where}: the shift varies along the axis the product keeps")
@@ -191,7 +191,6 @@ def _shifted_product(prop, node, a, b) -> None:
     prop.composite += n
     lab = torch.broadcast_to(mixed.view(*mixed.shape, 1, 1), out.shape).clone()
     prop.set(out, lab, torch.where(lab >= 0, torch.broadcast_to(fresh, out.shape), torch.full_like(lab, -1.0)))
-    return None
 
 
 # ---------------------------------------------------------------------- a parameter matrix, any orientation

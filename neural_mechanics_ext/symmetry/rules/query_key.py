@@ -9,7 +9,13 @@ the key label it meets, with inverse scaling (:func:`.attention.pair_inverse`). 
 projections and the product — head splits, rotary embeddings (which merge the dims of a rotation pair),
 ``repeat_kv`` (which merges the query heads sharing a kv head) — is followed by the ordinary handlers, so
 the groups come out per (head, dim), per rotation pair, per kv head, as the code dictates.  A fused
-projection (GPT-2's ``c_attn``) needs no pair: its own unit source reaches both sides.
+projection (GPT-2's ``c_attn``) needs no pair: its own unit source reaches both sides.  With QK-norm
+(Qwen3, OLMo2) the nearest source upstream of each side is the norm's weight, so the pair is q_norm γ ↔
+k_norm γ; the projections' own scaling is absorbed by the norm, and a pair whose two sides are absorbed
+before they meet is no pair (:func:`.engine.propagate`).
+
+The key bias of a fused projection (:func:`key_bias_sources`) starts here too: the part of the bias that
+reaches the key.
 """
 from __future__ import annotations
 
@@ -145,4 +151,5 @@ def matmul_sources(node, graph) -> List[Source]:
 
 
 def sdpa_sources(node, graph) -> List[Source]:
+    """The Q/K pair of ``scaled_dot_product_attention`` and its fused key bias."""
     return sources(node, graph) + key_bias_sources(node, graph)
