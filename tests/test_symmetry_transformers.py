@@ -12,7 +12,7 @@ with ``eager`` and ``sdpa`` attention.  Views ``(A, K, B, offset, a_stride)`` ad
 translations, one group per key-bias element (``q·(k_t + c)`` shifts every logit of a query alike: the softmax
 does not see it), for separate key projections (BERT), the key part of a fused one (GPT-2, timm) and inside
 ``multi_head_attention_forward`` (torchvision), never under RoPE (Qwen2), never for a query or value bias.
-QK-norm (Qwen3 per head, OLMo2 over the whole projection): the q/k projections' scale absorbed by the norm,
+QK-norm (Qwen3 and timm per head, OLMo2 over the whole projection): the q/k projections' scale absorbed by the norm,
 q_norm γ ↔ k_norm γ per rotation pair, and no Q/K rescale of the projections' rows.  Not found yet: the
 residual stream's scale, BERT's post-LN segment rescales, the class token.
 """
@@ -607,5 +607,41 @@ def test_timm_vit():
     expected = vit_expected("blocks.", ("norm1", "norm2"), "attn.proj", ("mlp.fc1", "mlp.fc2"), ("norm", "head"),
                             "patch_embed.proj", "pos_embed", ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"))
     assert len(expected) == 24
+    assert fam_set(fams) == expected
+    check_proved(model, fams)
+
+
+def test_timm_vit_with_qk_norm():
+    """timm's ``qk_norm=True``: a LayerNorm over each head's query and key (no RoPE; eps set to 1e-30).  Against
+    plain timm (:func:`vit_expected`): the Q/K rescale of the qkv rows and the key part of qkv's bias are gone
+    (the norm divides by its whole head); instead the qkv rows and bias of each query head and each key head
+    form a scale group (4 groups: rows 4h … 4h + 3 for the 2 query and then the 2 key heads, one family —
+    the fused projection's value rows are V/O), q_norm (γ_i, β_i) ↔ k_norm (γ_i, β_i) per dim i (rescale),
+    and k_norm's β, now the key bias, per element (translation).  3 + 10 L + 3 = 26."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = perturb(timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=E, depth=L, num_heads=2, mlp_ratio=1.5, num_classes=3,
+        qk_norm=True).double().train())
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 1e-30
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # q_norm / k_norm normalise 4 values per set: advisory warning
+        fams = find_symmetries(model, IMAGES, targets=CLASSES)
+    expected = vit_expected("blocks.", ("norm1", "norm2"), "attn.proj", ("mlp.fc1", "mlp.fc2"), ("norm", "head"),
+                            "patch_embed.proj", "pos_embed", ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"))
+    d = E // 2
+    for i in range(L):
+        a = f"blocks.{i}.attn"
+        w, bb, qn, kn = f"{a}.qkv.weight", f"{a}.qkv.bias", f"{a}.q_norm", f"{a}.k_norm"
+        expected -= {S("rescale", W(w, (1, E, E, 0, E * E)), W(bb, (1, E, 1, 0, E)),
+                       W(w, (1, E, E, E * E, E * E), -1), W(bb, (1, E, 1, E, E), -1)),
+                     S("translation", W(bb, (1, E, 1, E, E)))}
+        expected |= {S("scale", W(w, (1, 4, d * E, 0, 4 * d * E)), W(bb, (1, 4, d, 0, 4 * d))),
+                     S("rescale", W(f"{qn}.weight", (1, d, 1)), W(f"{qn}.bias", (1, d, 1)),
+                       W(f"{kn}.weight", (1, d, 1), -1), W(f"{kn}.bias", (1, d, 1), -1)),
+                     S("translation", W(f"{kn}.bias", (1, d, 1)))}
+    assert len(expected) == 26
     assert fam_set(fams) == expected
     check_proved(model, fams)
