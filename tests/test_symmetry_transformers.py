@@ -12,8 +12,8 @@ with ``eager`` and ``sdpa`` attention.  Views ``(A, K, B, offset, a_stride)`` ad
 translations, one group per key-bias element (``q·(k_t + c)`` shifts every logit of a query alike: the softmax
 does not see it), for separate key projections (BERT), the key part of a fused one (GPT-2, timm) and inside
 ``multi_head_attention_forward`` (torchvision), never under RoPE (Qwen2), never for a query or value bias.
-QK-norm (Qwen3 and timm per head, OLMo2 over the whole projection): the q/k projections' scale absorbed by the norm,
-q_norm γ ↔ k_norm γ per rotation pair, and no Q/K rescale of the projections' rows.  Not found yet: the
+QK-norm (Qwen3 and timm per head, OLMo2 over the whole projection): the q/k projections' scale absorbed by the
+norm, q_norm γ ↔ k_norm γ per rotation pair, and no Q/K rescale of the projections' rows.  Not found yet: the
 residual stream's scale, BERT's post-LN segment rescales, the class token.
 """
 from __future__ import annotations
@@ -347,8 +347,9 @@ def qk_norm_expected(arch):
                    W(f"{Q}.{i}.mlp.down_proj.weight", (D, 24, 1), -1)))
         if arch == "Qwen3":
             fams |= {
-                S("rescale", W(f"{Q}.{i}.input_layernorm.weight", (1, D, 1)), W(f"{a}.q_proj.weight", (H * d, D, 1), -1),
-                  W(f"{a}.k_proj.weight", (G * d, D, 1), -1), W(f"{a}.v_proj.weight", (G * d, D, 1), -1)),
+                S("rescale", W(f"{Q}.{i}.input_layernorm.weight", (1, D, 1)),
+                  W(f"{a}.q_proj.weight", (H * d, D, 1), -1), W(f"{a}.k_proj.weight", (G * d, D, 1), -1),
+                  W(f"{a}.v_proj.weight", (G * d, D, 1), -1)),
                 S("rescale", W(f"{Q}.{i}.post_attention_layernorm.weight", (1, D, 1)),
                   W(f"{Q}.{i}.mlp.gate_proj.weight", (24, D, 1), -1), W(f"{Q}.{i}.mlp.up_proj.weight", (24, D, 1), -1)),
                 S("scale", W(f"{a}.q_proj.weight", (1, H, d * D))),
