@@ -77,9 +77,12 @@ def _part_name(src: Source, prop: Propagation, members, name: str) -> str:
     if any(s < 0 for _, _, s in members):
         return f"{src.layer} (rescale, query·key)"
     if name.endswith("(rescale)") and prop.absorbers:
-        tags = dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, prop.graph)}" for n in prop.absorbers)
-        return f"{src.layer} (scale, {', '.join(tags)})"
+        return f"{src.layer} (scale, {_absorber_tags(prop.graph, prop)})"
     return name
+
+
+def _absorber_tags(graph: Graph, prop: Propagation) -> str:
+    return ", ".join(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
 
 
 def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List[str]) -> Tuple[str, str]:
@@ -89,8 +92,7 @@ def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
     if prop.paired:     # query·key: the inverse side is part of the source
         return "rescale", f"{src.layer} (rescale, {src.what})"
-    tags = list(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
-    return "scale", f"{src.layer} (scale, {', '.join(tags)})"
+    return "scale", f"{src.layer} (scale, {_absorber_tags(graph, prop)})"
 
 
 MAX_VIEWS = 64     # views per family beyond which a split is refused rather than listed
