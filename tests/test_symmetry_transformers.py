@@ -315,9 +315,9 @@ def test_qwen2_and_mistral(arch):
 
 def qk_norm_expected(arch):
     """QK-norm: an RMSNorm on the queries and on the keys before RoPE (widths as :func:`decoder`: D = 16,
-    H = 4 query heads and G = 2 kv heads of dim d = 4, n = 2 query heads per kv head).  Everything of
-    Llama outside the attention scores stays, except as said; the Q/K rescale of the projections' rows
-    does not hold (the norm divides a scaled row by the norm of its whole set) and is not found.
+    H = 4 query heads and G = 2 kv heads of dim d = 4, n = 2 query heads per kv head).  In both, the Q/K
+    rescale of the projections' rows does not hold (the norm divides a scaled row by the norm of its whole
+    set) and is not found.
     * Qwen3 (pre-norm; q_norm/k_norm of width d, shared by every head, applied per head):
       - q_proj scale per query head (scale, the head's d rows; the norm absorbs it): view (1, H, d·D);
         k_proj per kv head: (1, G, d·D);
