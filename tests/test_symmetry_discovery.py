@@ -210,7 +210,10 @@ def test_pre_ln_transformer():
     #   writer's scale (the residual adds), no rescale through GELU (fc1 → fc2).
     # * Q/K: q's unit k (row + bias) × α against k's unit k × 1/α leaves every logit q·k unchanged (no
     #   rotary embedding: one group per feature, whole views).
+    # * Key bias: k.b[j] + α shifts every logit of a query by q_j·α over all keys; softmax does not see
+    #   it (translation, one group per element).  Not q's or v's bias.
     expected = {
+        S("translation", W("k.bias", (1, d, 1))),
         S("rescale", W("q.weight", (1, d, d)), W("q.bias", (1, d, 1)), W("k.weight", (1, d, d), -1),
           W("k.bias", (1, d, 1), -1)),
         S("rescale", W("ln1.weight", (1, d, 1)), W("ln1.bias", (1, d, 1)), W("q.weight", (d, d, 1), -1),
@@ -253,8 +256,10 @@ def test_multihead_attention_module():
     # out_proj lives inside the fused attention call, so its rescale with head is not visible.
     # Inside the call (E = 8, in_proj_weight [3E, E], flat row r = elements 8r … 8r+7): Q/K, query row j
     # (+ bias j) × α against key row 8 + j (+ bias 8 + j) × 1/α, and V/O, value row 16 + j (+ bias) against
-    # out_proj column j.
+    # out_proj column j.  And the key bias: in_proj_bias[8 + j] shifted shifts each query's logits alike over
+    # all keys (translation, one group per element).
     expected = {
+        S("translation", W("attn.in_proj_bias", (1, 8, 1, 8, 8))),
         S("rescale", W("attn.in_proj_weight", (1, 8, 8, 0, 64)), W("attn.in_proj_bias", (1, 8, 1, 0, 8)),
           W("attn.in_proj_weight", (1, 8, 8, 64, 64), -1), W("attn.in_proj_bias", (1, 8, 1, 8, 8), -1)),
         S("rescale", W("attn.in_proj_weight", (1, 8, 8, 128, 64)), W("attn.in_proj_bias", (1, 8, 1, 16, 8)),
@@ -348,7 +353,8 @@ def test_less_common_dataflow():
     # c2 → ReLU → flatten/transpose → tokens @ P: rows of P compensate (P[k, :], view (1, 4, 6)).
     # v → scaled_dot_product_attention (linear in the value) → o; o → mean over tokens → item
     # assignment into a zero buffer → a.  q and k (rows 0-5 and 6-11 of the fused qk, [12, 6], flat
-    # r*6 + c) meet in the attention logits: query row j (+ bias) × α against key row 6 + j × 1/α.
+    # r*6 + c) meet in the attention logits: query row j (+ bias) × α against key row 6 + j × 1/α; the key
+    # part of qk's bias, elements 6 + j, shifted (translation, one group each: the softmax absorbs q·c).
     # a → ReLU → cat([u[:, 3:], u[:, :3]]) → b: unit k reaches b's column (k+3) % 6, which no view of the
     # whole b with the units in order expresses, but each half is one: units 0-2 ↔ b columns 3-5
     # ((3, 3, 1, 3, 6): rows of b [3, 6]), units 3-5 ↔ columns 0-2.  b → CE: columns + bias.
@@ -363,6 +369,7 @@ def test_less_common_dataflow():
         S("rescale", W("o.weight", (1, 6, 6)), W("o.bias", (1, 6, 1)), W("a.weight", (6, 6, 1), -1)),
         S("translation", W("b.weight", (3, 6, 1))),
         S("translation", W("b.bias", (1, 1, 3))),
+        S("translation", W("qk.bias", (1, 6, 1, 6, 6))),
         S("rescale", W("qk.weight", (1, 6, 6, 0, 36)), W("qk.bias", (1, 6, 1, 0, 6)),
           W("qk.weight", (1, 6, 6, 36, 36), -1), W("qk.bias", (1, 6, 1, 6, 6), -1)),
         S("rescale", W("a.weight", (1, 3, 6, 0, 18)), W("a.bias", (1, 3, 1, 0, 3)), W("b.weight", (3, 3, 1, 3, 6), -1)),

@@ -467,6 +467,115 @@ def test_sdpa_passes_value_scalings_and_refuses_perturbed_queries():
         run(g, "scaled_dot_product_attention", [lab, None, None])
 
 
+def test_a_key_shift_uniform_over_keys_shifts_each_query_row_of_the_logits():
+    # q [3, 4] @ kᵀ [4, 5]: key feature j shifted by c_j at every key (labels j, one shift value each):
+    # row s of the logits gains q_s·c at every key: labels a mixture of groups 0..3 (which stay apart),
+    # shift values constant along the keys, one per query row
+    g = trace(lambda m, q, k: q @ k.transpose(-1, -2), torch.randn(3, 4), torch.randn(5, 4))
+    kt, one = CH.view(4, 1), torch.zeros(4, 1)
+    prop, node = run(g, "matmul", [None, kt], mode=SHIFT, shifts=[None, one])
+    lab, p = prop.g[node.outputs[0]], prop.p[node.outputs[0]]
+    mix = prop.uf.mixture([0, 1, 2, 3])
+    assert mix == 8 and torch.equal(lab, torch.full((3, 5), 8.0))
+    assert torch.equal(p, p[:, :1].expand(3, 5)) and len(p[:, 0].unique()) == 3
+    assert roots(prop)[:4] == [0, 1, 2, 3]
+    # a query shift, seen from here: the same along the queries, a new value at every key
+    prop, node = run(g, "matmul", [CH, None], mode=SHIFT, shifts=[[0.0], None])
+    p = prop.p[node.outputs[0]]
+    assert torch.equal(p, p[:1].expand(3, 5)) and len(p[0].unique()) == 5
+    with pytest.raises(Dead, match="varies along the axis the product keeps"):
+        run(g, "matmul", [None, kt], mode=SHIFT, shifts=[None, torch.arange(5.0).view(1, 5)])
+    with pytest.raises(Dead, match="does not preserve a shift"):
+        run(g, "matmul", [CH, kt], mode=SHIFT, shifts=[[0.0], one])
+
+
+def test_a_mixture_label_joined_with_anything_joins_its_groups():
+    from neural_mechanics_ext.symmetry.rules.state import UnionFind
+    uf = UnionFind(4)
+    m = uf.mixture([2, 0, 1])
+    assert uf.mixture([0, 1, 2]) == m == 4 and uf.mixture([3]) == 3
+    assert uf.table().tolist()[:4] == [0, 1, 2, 3]           # apart while nothing joins the mixture
+    uf.union(m, 3)
+    assert uf.table().tolist() == [0, 0, 0, 0, 0]
+
+
+def test_sdpa_absorbs_keys_shifted_alike_at_every_position():
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    g = trace(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    lab = CH.view(1, 1, 1, 4).expand(1, 2, 3, 4)
+    prop, node = run(g, "scaled_dot_product_attention", [None, lab, None], mode=SHIFT, shifts=[None, [0.0], None])
+    assert prop.absorbers == [node] and node.outputs[0] not in prop.g and roots(prop)[:4] == [0, 1, 2, 3]
+    with pytest.raises(Dead, match="shifted differently at different positions"):
+        run(g, "scaled_dot_product_attention", [None, lab, None], mode=SHIFT,
+            shifts=[None, torch.arange(3.0).view(1, 1, 3, 1), None])
+    for i, what in ((0, "query"), (2, "value")):
+        labels, shifts = [None] * 3, [None] * 3
+        labels[i], shifts[i] = lab, [0.0]
+        with pytest.raises(Dead, match=f"the {what} is shifted"):
+            run(g, "scaled_dot_product_attention", labels, mode=SHIFT, shifts=shifts)
+
+
+def _fused_attention(m, x):
+    """A fused q/k/v projection split into heads, then attention (timm, GPT-2 alike); ``m.rope`` multiplies
+    the keys by a position-dependent factor first (what a rotary embedding does to a key bias)."""
+    q, k, v = F.linear(x, m.w, m.b).view(1, 5, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)
+    if hasattr(m, "rope"):
+        k = k * m.rope.view(1, 1, 5, 1).detach()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_the_key_part_of_a_fused_bias_is_its_own_translation_source():
+    x = torch.randn(1, 5, 4)
+    g = trace(_fused_attention, x, w=torch.randn(12, 4), b=torch.randn(12))
+    srcs = [s for s in find_sources(g) if s.what == "key bias"]
+    assert len(srcs) == 1 and srcs[0].k0 == 4
+    (name, cmap, _, _), = srcs[0].members
+    assert name == "b" and cmap.tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4
+    cand = build_candidate(g, srcs[0])
+    assert cand.family.kind == "translation" and cand.family.members == [("b", (1, 4, 1, 4, 4), 1)]
+    bias = next(s for s in find_sources(g) if s.what == "bias")     # the whole bias: q and v parts die
+    assert build_candidate(g, bias) is None
+    g = trace(_fused_attention, x, w=torch.randn(12, 4), b=torch.randn(12), rope=torch.rand(5) + 0.5)
+    assert [s for s in find_sources(g) if s.what == "key bias"] == []
+
+
+def test_mha_key_bias_is_a_translation_inside_the_call():
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(1, 3, 4)
+    g = capture(mha, (x, x, x), {"need_weights": False}, lambda out: out[0].sum())
+    src, = [s for s in find_sources(g) if s.mode == SHIFT]
+    assert src.inside and src.what == "key bias"
+    assert src.members[0][0] == "in_proj_bias" and src.members[0][1].tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4
+    assert build_candidate(g, src).family.members == [("in_proj_bias", (1, 4, 1, 4, 4), 1)]
+
+
+def _qk_norm(m, x):
+    """Q/K each normalised per head (Qwen3's QK-norm written out) before attention; with ``m.gq`` absent the
+    norm has no weight (``F.rms_norm``)."""
+    q, k = (F.linear(x, w).view(1, 3, 2, 2).transpose(1, 2) for w in (m.wq, m.wk))
+    if hasattr(m, "gq"):
+        q, k = ((t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)) * gam for t, gam in ((q, m.gq), (k, m.gk)))
+    else:
+        q, k = (F.rms_norm(t, (2,)) for t in (q, k))
+    return F.scaled_dot_product_attention(q, k, x.view(1, 3, 2, 2).transpose(1, 2))
+
+
+def test_qk_norm_weights_are_the_query_key_pair_and_unmet_pairs_die():
+    x = torch.randn(1, 3, 4)
+    g = trace(_qk_norm, x, wq=torch.randn(4, 4), wk=torch.randn(4, 4), gq=torch.rand(2) + 0.5,
+              gk=torch.rand(2) + 0.5)
+    src, = [s for s in find_sources(g) if s.what == "query·key"]
+    assert [m[0] for m in src.members] == ["gq", "gk"]
+    cand = build_candidate(g, src)
+    assert cand.family.kind == "rescale" and cand.family.members == [("gq", (1, 2, 1), 1), ("gk", (1, 2, 1), -1)]
+    # without a weight the nearest sources are the projections: each side's scaling is absorbed by its
+    # norm and the two never meet in the product, so there is no Q/K pair
+    g = trace(_qk_norm, x, wq=torch.randn(4, 4), wk=torch.randn(4, 4))
+    src, = [s for s in find_sources(g) if s.what == "query·key"]
+    with pytest.raises(Dead, match="never meet"):
+        propagate(g, src)
+
+
 def test_mha_compensates_with_the_packed_input_projection():
     mha = nn.MultiheadAttention(4, 2, batch_first=True)
     x = torch.randn(1, 3, 4)

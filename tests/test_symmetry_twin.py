@@ -4,13 +4,18 @@ of the full path (names, members, views, kinds, order, refusals), in float64 and
 in float32 and bfloat16; models whose layers differ are refused with the reason.
 
 Expected counts (derived in tests/test_symmetry_transformers.py, per layer and for the head), for L = 5:
-Llama with grouped-query attention: 3 L + 2 = 17 families (norm ↔ q/k/v columns, norm ↔ gate/up columns,
-up rows ↔ down columns; final norm ↔ lm_head, lm_head columns), L V/O refusals; GPT-2: 6 L + 4 = 34 untied
-(wpe, wte, ln_f ↔ lm_head, lm_head columns), 6 L + 1 = 31 tied.  Qwen2 (per-layer ``config.layer_types``,
-q/k/v biases): as Llama today, 3 L + 2 = 17.  BERT (post-LN, ``encoder.layer``): per layer V ↔ O and the
-columns and bias of the two writers of the residual (attention output, FFN output) as translations, 5 L;
-word/position/token-type rows; the LAST layer's output LayerNorm ↔ pooler columns (a family of the last
-layer only: twin layer 2 maps to full layer 4 alone); classifier columns and bias: 5 L + 6 = 31.
+Llama with grouped-query attention (2 kv heads): 7 L + 2 = 37 families (norm ↔ q/k/v columns, norm ↔
+gate/up columns, up rows ↔ down columns, Q/K and V/O per kv head; final norm ↔ lm_head, lm_head columns);
+GPT-2: 9 L + 4 = 49 untied (per layer ln_1/ln_2 ↔ readers, Q/K, V/O, the key bias, the writers' rows and
+biases; wpe, wte, ln_f ↔ lm_head, lm_head columns), 9 L + 1 = 46 tied.  Qwen2 (per-layer
+``config.layer_types``, q/k/v biases; the k_proj bias is no translation under RoPE): as Llama, 7 L + 2 = 37.
+BERT (post-LN, ``encoder.layer``): per layer Q/K, V ↔ O, the key bias and the columns and bias of the two
+writers of the residual (attention output, FFN output) as translations, 7 L; word/position/token-type rows;
+the LAST layer's output LayerNorm ↔ pooler columns (a family of the last layer only: twin layer 2 maps to
+full layer 4 alone); classifier columns and bias: 7 L + 6 = 41.  Plus the joint families: the residual
+stream of Llama, Qwen2 and GPT-2 (+1; a rescale against the final norm when tied), the whole tied wte of
+GPT-2 (+1), BERT's embedding tables (+1) and sublayer rescales (+2 L, of which the L − 1 attention ones join
+two neighbouring layers and are refused on the twin).
 """
 from __future__ import annotations
 
@@ -89,13 +94,14 @@ def sig(families):
 
 
 # Counts as derived in tests/test_symmetry_transformers.py: Llama per layer 3 + G (Q/K per kv head) + V/O (1
-# without GQA, G with it), + 2 untied (final norm ↔ lm_head, lm_head columns); GPT-2 1 + 8 L (+ 3 untied);
-# BERT 3 + 6 L + 1 + 2; plus the residual stream's joint family (+1), the whole tied wte of GPT-2 (+1) — BERT's joint families are the
-# embedding tables (+1) and one rescale per sublayer (+2 L), but a sublayer rescale joins the LayerNorm of
-# the layer before it: on the twin it couples neighbouring layers and is refused (use twin_layers=None).
+# without GQA, G with it), + 2 untied (final norm ↔ lm_head, lm_head columns); GPT-2 1 + 9 L (+ 3 untied);
+# BERT 3 + 7 L + 1 + 2 (both with one key-bias translation per layer; Qwen2's k_proj bias is not one: RoPE).
+# Joint: the residual stream (+1), the whole tied wte of GPT-2 (+1); BERT's are the embedding tables (+1) and
+# one rescale per sublayer (+2 L), but a sublayer rescale joins the LayerNorm of the layer before it: on the
+# twin it couples neighbouring layers and is refused (use twin_layers=None).
 @pytest.mark.parametrize("build, count", [(lambda: llama(2), 7 * L + 3), (lambda: llama(4, tied=True), 8 * L + 1),
-                                          (lambda: gpt2(False), 8 * L + 5), (lambda: gpt2(True), 8 * L + 3),
-                                          (qwen2, 7 * L + 3), (bert, 6 * L + 6 + 1 + 2 * L)],
+                                          (lambda: gpt2(False), 9 * L + 5), (lambda: gpt2(True), 9 * L + 3),
+                                          (qwen2, 7 * L + 3), (bert, 7 * L + 6 + 1 + 2 * L)],
                          ids=["llama-gqa", "llama-mha-tied", "gpt2", "gpt2-tied", "qwen2", "bert"])
 def test_twin_gives_the_families_of_the_full_path(build, count):
     model = build()

@@ -1,7 +1,7 @@
 """The tracker's exact predictions on transformers (issue 13 item 8): a float64 SGD-with-momentum run of a tiny
 Llama (RoPE, grouped-query attention, SwiGLU) and a tiny GPT-2 (fused Conv1D c_attn), tracking every family
-that discovery finds (Q/K per rotation pair, V/O per kv head, norm ↔ readers, SwiGLU, translations), with
-weight decay.  Each family's exact prediction must follow the empirical quantity to ≤ 1e-10 relative.
+that discovery finds (Q/K per rotation pair, V/O per kv head, norm ↔ readers, SwiGLU, translations, the key
+bias, the residual stream's scale), with weight decay.  Each family's exact prediction must follow the empirical quantity to ≤ 1e-10 relative.
 
 Why these symmetries are exact here: Q/K, V/O, SwiGLU and norm ↔ readers are rescales compensated exactly
 by the readers' weights; the translations are absorbed by LayerNorm's mean subtraction or by cross-entropy,
@@ -35,9 +35,17 @@ def llama():
 
 
 def gpt2():
+    """GPT-2 initialises its biases at 0: the key bias (zero gradient in exact arithmetic) would stay at 0 and
+    its relative error would divide rounding by rounding (``summary.add_magnitudes``' near_zero); random
+    biases give every family a quantity of order 1."""
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, layer_norm_epsilon=1e-30)
-    return transformers.GPT2LMHeadModel(cfg)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.3)
+    return model
 
 
 KINDS = {"scale", "rescale", "translation"}      # scale: the residual stream

@@ -31,7 +31,10 @@ Attention: a query scaled by α meets a key scaled by 1/α in ``q·k``.  Each la
 union-find (odd: scaled by 1/α of its group), the product joins each query index with the key index it
 meets with odd parity (:func:`.attention.pair_inverse`), and an odd label's parameter elements get the
 opposite sign.  Separate projections start together (:mod:`.query_key`); a single call that compensates
-inside (``multi_head_attention_forward``) gives its own Q/K and V/O sources.
+inside (``multi_head_attention_forward``) gives its own Q/K and V/O sources.  A key shifted alike at every
+position (a key bias) shifts each query's logits by one value ``q·c`` over all keys, which the softmax
+absorbs; that value mixes the shifts of every element of ``c``, which stay separate groups (a *mixture*
+label, :meth:`.state.UnionFind.mixture`).
 
 Joint candidates (:mod:`.joint`): where a layer's own scaling dies at a residual join, the writers of the
 other term join it (one group), and so on until the scaling survives — the residual stream's scale of a

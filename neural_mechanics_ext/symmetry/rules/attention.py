@@ -5,7 +5,9 @@ The attention weights depend on queries and keys only, so a scaling of the value
 (per value feature, merged over the sequence).  A query scaled per (head, dim) together with the key it
 meets scaled by the inverse leaves every logit q·k unchanged (:func:`pair_inverse`, also used by
 ``matmul`` for eager attention); a query or key perturbed alone, or a perturbed mask, ends the candidate.
-For ``multi_head_attention_forward`` the input projections read the perturbed tensor and compensate.
+Keys shifted alike at every position (a key bias) leave the output unchanged: each logit of a query moves
+by the same ``q·c``, which the softmax does not see.  For ``multi_head_attention_forward`` the input
+projections read the perturbed tensor and compensate; its own Q/K, V/O and key bias are sources inside.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import List
 
 import torch
 
-from .state import F64, SCALE, Dead, Source, bind, describe_op, fibers, op_layer, param
+from .state import F64, SCALE, SHIFT, Dead, Source, bind, constant_rows, describe_op, fibers, op_layer, param
 
 
 def mha(prop, node, args, kwargs) -> None:
@@ -75,7 +77,8 @@ def _per_head_dim(prop, t, where) -> torch.Tensor:
 def sdpa(prop, node, args, kwargs) -> None:
     a = bind(node, args, kwargs)
     where = describe_op(node)
-    prop.no_shift(node)
+    if prop.mode == SHIFT:
+        return _key_shift(prop, node, a)
     if prop.reached(a.get("attn_mask")):
         raise Dead(f"{where}: the attn_mask is perturbed (attention weights would change)")
     q, k = a["query"], a["key"]
@@ -98,12 +101,30 @@ def sdpa(prop, node, args, kwargs) -> None:
     prop.set_bcast(node, out, rep)
 
 
+def _key_shift(prop, node, a) -> None:
+    """Keys shifted by the same vector ``c`` at every position (a key bias): each logit of query ``s``
+    gains ``q_s·c`` at every key, masked or not, which the softmax inside the call does not see; the
+    output is unchanged.  A shifted query or value, a perturbed mask or a shift that differs between
+    keys changes it."""
+    where = describe_op(node)
+    for key in ("query", "value", "attn_mask"):
+        if prop.reached(a.get(key)):
+            raise Dead(f"{where}: the {key} is shifted (attention weights or output would change)")
+    k = a["key"]
+    axis = len(k.shape) - 2
+    if not (constant_rows(fibers(prop.g[k], [axis])[0]) and constant_rows(fibers(prop.p[k], [axis])[0])):
+        raise Dead(f"{where}: the keys are shifted differently at different positions")
+    prop.absorbers.append(node)
+
+
 def mha_sources(node, graph) -> List[Source]:
     """The symmetries ``multi_head_attention_forward`` compensates inside the call (its output is
     unchanged): Q/K, query row ``j`` of the packed ``in_proj_weight`` (and bias) × α against key row
     ``E + j`` × 1/α (no rotary embedding inside), and V/O, value row ``2E + j`` (and bias) × α against
-    column ``j`` of ``out_proj_weight`` × 1/α.  Not with separate projection weights, ``bias_k``/``bias_v``
-    (an extra key and value that no row scales) or with a parameter read twice."""
+    column ``j`` of ``out_proj_weight`` × 1/α; and the key bias, ``in_proj_bias[E + j]`` shifted (translation,
+    one group per element; not with ``add_zero_attn``, a key it does not shift).  Not with separate
+    projection weights, ``bias_k``/``bias_v`` (an extra key and value that no row scales or shifts) or with
+    a parameter read twice."""
     a = bind(node)
     w, b, wo = param(a.get("in_proj_weight")), param(a.get("in_proj_bias")), param(a.get("out_proj_weight"))
     if w is None or wo is None or a.get("use_separate_proj_weight", False) \
@@ -119,5 +140,8 @@ def mha_sources(node, graph) -> List[Source]:
         return out + ([(b.name, cm, sign, None)] if b is not None else [])
     qk = rows(0, 1) + rows(E, -1)
     vo = rows(2 * E, 1) + [(wo.name, torch.arange(E).view(1, -1).expand(wo.shape), -1, None)]
-    return [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
-            for what, members in (("query·key", qk), ("value·output", vo))]
+    out = [Source(SCALE, node, layer, what, E, None, None, members, inside=True)
+           for what, members in (("query·key", qk), ("value·output", vo))]
+    if b is not None and not a.get("add_zero_attn", False):     # a zero key would not be shifted
+        out.append(Source(SHIFT, node, layer, "key bias", E, None, None, rows(E, 1)[1:], inside=True))
+    return out

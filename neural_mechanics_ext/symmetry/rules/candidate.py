@@ -58,7 +58,10 @@ def build_candidate(graph: Graph, src: Source, deaths: Optional[list] = None) ->
     for i, (members, name) in enumerate(zip(blocks, names)):
         if names.count(name) > 1:       # parts alike (one per kv head, per rotation pair block)
             name = f"{name} (part {names[:i].count(name) + 1}/{names.count(name)})"
-        fam = SymmetryFamily(kind, name, members, layer=src.layer)
+        # a part that only absorbers act on (the query rows of a fused projection under QK-norm, whose
+        # value rows are compensated by the out-projection) is a scale family
+        part_kind = "scale" if kind == "rescale" and all(sign > 0 for _, _, sign in members) else kind
+        fam = SymmetryFamily(part_kind, name, members, layer=src.layer)
         fam.extra.update(extra)
         cand.families.append(fam)
     cand.family = cand.families[0]
@@ -79,7 +82,13 @@ def _part_name(src: Source, prop: Propagation, members, name: str) -> str:
         return f"{src.layer} → {', '.join(readers)} (rescale)"
     if any(s < 0 for _, _, s in members):
         return f"{src.layer} (rescale, query·key)"
+    if name.endswith("(rescale)") and prop.absorbers:
+        return f"{src.layer} (scale, {_absorber_tags(prop.graph, prop)})"
     return name
+
+
+def _absorber_tags(graph: Graph, prop: Propagation) -> str:
+    return ", ".join(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
 
 
 def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List[str]) -> Tuple[str, str]:
@@ -93,8 +102,7 @@ def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
     if prop.paired:     # query·key: the inverse side is part of the source
         return "rescale", f"{src.layer} (rescale, {src.what})"
-    tags = list(dict.fromkeys(f"{NORM_TAG.get(n.op, n.op)} {op_layer(n, graph)}" for n in prop.absorbers))
-    return "scale", f"{src.layer} (scale, {', '.join(tags)})"
+    return "scale", f"{src.layer} (scale, {_absorber_tags(graph, prop)})"
 
 
 MAX_VIEWS = 64     # views per family beyond which a split is refused rather than listed

@@ -47,6 +47,8 @@ def propagate(graph: Graph, src: Source) -> Propagation:
                 prop.set(v, g, p, degree=1.0)
         if graph.loss in prop.g:
             raise Dead("the perturbation reaches the loss")
+        if src.more and not prop.paired:    # query·key: absorbed on each side (QK-norm), never meeting
+            raise Dead("the query and key scalings never meet in a product")
     except Dead as dead:
         dead.prop = prop
         raise

@@ -17,8 +17,8 @@ import torch
 
 from ..capture import SIGNATURES, Value, bind_args
 from .attention import pair_inverse
-from .state import (F64, SCALE, SHIFT, Dead, Source, axis_labels, bind, describe_op, fibers, is_zero, op_layer,
-                    param, position_labels)
+from .state import (F64, SCALE, SHIFT, Dead, Source, axis_labels, bind, constant_rows, describe_op, fibers,
+                    is_zero, op_layer, param, position_labels)
 
 CONVS = {f"conv{k}d" for k in (1, 2, 3)}
 CONV_TRANSPOSES = {f"conv_transpose{k}d" for k in (1, 2, 3)}
@@ -132,7 +132,8 @@ def _product(prop, node, a, b) -> Optional[torch.Tensor]:
     columns for ``W @ x``; returns None); an activation carries the labels of the non-contracted axis
     (returned, to broadcast onto the output)."""
     where = describe_op(node)
-    prop.no_shift(node)
+    if prop.mode == SHIFT:
+        return _shifted_product(prop, node, a, b)
     ra, rb = prop.reached(a), prop.reached(b)
     if ra and rb:       # query @ keyᵀ: invariant when each key index carries the inverse of its query index
         if len(a.shape) < 2 or len(b.shape) < 2:
@@ -160,6 +161,36 @@ def _product(prop, node, a, b) -> Optional[torch.Tensor]:
             rows, kept = fibers(prop.g[b], [len(b.shape) - 2])
             return prop.merge_rows(rows, where).view(kept).unsqueeze(-2)
     raise Dead(f"{where}: unsupported operand layout")
+
+
+def _shifted_product(prop, node, a, b) -> None:
+    """``a @ b`` of two activations, one shifted by the same vector all along its kept axis — a key bias
+    reaching ``query @ keyᵀ``: ``k_t + c`` for every key ``t``.  Row ``s`` of the product then gains
+    ``q_s · c`` at every key: a shift uniform along the other operand's kept axis (which a softmax over it
+    absorbs), a new value per row, made of the shifts of every group ``c`` holds (a mixture label, which
+    leaves them separate groups).  A shift that varies along the kept axis (a query bias, seen from the
+    keys; a value bias, contracted) or a parameter operand ends the candidate."""
+    where = describe_op(node)
+    ra, rb = prop.reached(a), prop.reached(b)
+    if ra == rb or not all(isinstance(x, Value) and x.kind != "param" and len(x.shape) >= 2 for x in (a, b)):
+        raise Dead(f"{where} does not preserve a shift")
+    x = b if rb else a
+    kept = -1 if rb else -2     # the axis that survives: b [..., d, t] (keyᵀ), a [..., s, d]
+    g, p = prop.g[x], prop.p[x]
+    if not (constant_rows(fibers(g, [kept])[0]) and constant_rows(fibers(p, [kept])[0])):
+        raise Dead(f"{where}: the shift varies along the axis the product keeps")
+    g0 = g.select(kept, 0)      # [..., d]: the groups of the shift vector c
+    rows = g0.reshape(-1, g0.shape[-1])
+    mixed = torch.tensor([float(prop.uf.mixture(r[r >= 0].tolist())) if bool((r >= 0).any()) else -1.0
+                          for r in rows], dtype=F64).view(g0.shape[:-1])
+    out = node.outputs[0]
+    shape = list(out.shape)
+    shape[kept] = 1             # uniform along x's kept axis, a new value at every other index
+    n = math.prod(shape)
+    fresh = (prop.composite + torch.arange(n, dtype=F64)).view(shape)
+    prop.composite += n
+    lab = torch.broadcast_to(mixed.view(*mixed.shape, 1, 1), out.shape).clone()
+    prop.set(out, lab, torch.where(lab >= 0, torch.broadcast_to(fresh, out.shape), torch.full_like(lab, -1.0)))
 
 
 # ---------------------------------------------------------------------- a parameter matrix, any orientation

@@ -52,7 +52,7 @@ SOURCES: Dict[str, Callable[..., List[Source]]] = {
     **dict.fromkeys(linear.LAYERS, linear.layer_sources),
     **dict.fromkeys(("addmm", "einsum"), linear.contraction_sources),
     "matmul": query_key.matmul_sources,
-    "scaled_dot_product_attention": query_key.sources,
+    "scaled_dot_product_attention": query_key.sdpa_sources,
     "multi_head_attention_forward": attention.mha_sources,
     "embedding": linear.embedding_sources,
     "cat": movement.cat_sources,

@@ -47,6 +47,8 @@ class UnionFind:
     def __init__(self, n: int):
         self.parent = list(range(n))
         self.odd = [0] * n          # parity relative to the parent
+        self.mixtures: Dict[int, List[int]] = {}     # mixture label → the labels it sums, until joined
+        self.mixture_of: Dict[Tuple[int, ...], int] = {}
 
     def find(self, a: int) -> Tuple[int, int]:
         """``(root, parity of a relative to root)``, compressing the path."""
@@ -60,8 +62,26 @@ class UnionFind:
             self.odd[x], self.parent[x] = acc, a
         return a, (self.odd[path[0]] if path else 0)
 
+    def mixture(self, labels) -> int:
+        """A label for an element that receives a sum of the shifts of ``labels`` (a key bias met by a
+        query: q·c = Σ_j q_j c_j), each of which is absorbed, or not, on its own; the labels stay separate
+        groups unless the mixture label is joined with something, which joins all of them."""
+        labels = tuple(sorted({int(x) for x in labels}))
+        if len(labels) == 1:
+            return labels[0]
+        if labels not in self.mixture_of:
+            n = len(self.parent)
+            self.parent.append(n)
+            self.odd.append(0)
+            self.mixtures[n] = list(labels)
+            self.mixture_of[labels] = n
+        return self.mixture_of[labels]
+
     def union(self, a: int, b: int, odd: int = 0) -> None:
         """``a`` and ``b`` move together: by the same α (``odd`` 0) or by inverse ones (``odd`` 1)."""
+        for x in (int(a), int(b)):
+            for y in self.mixtures.pop(x, ()):
+                self.union(x, y)
         (ra, pa), (rb, pb) = self.find(int(a)), self.find(int(b))
         if ra == rb:
             if pa ^ pb != odd:
