@@ -113,7 +113,7 @@ def check_proved(model, fams, mask=None):
 
 def stream(kind, *writers, against=()):
     """The residual stream's family (THEORY_TRANSFORMERS.md): every writer (whole tensor, one group) × α —
-    and, tied, the final norm ``against`` × 1/α."""
+    and ``against`` × 1/α: the final norm when tied, the readers of a stream without pre-norms (OLMo2)."""
     return S(kind, *[W(n, (1, 1, numel)) for n, numel in writers], *[W(n, (1, 1, numel), -1) for n, numel in against])
 
 
@@ -359,7 +359,7 @@ def qk_norm_expected(arch):
         shared): views (2, d/2, 1) of both, d/2 = 2 groups;
       - Llama's input_layernorm ↔ q/k/v columns, post_attention_layernorm ↔ gate/up, up ↔ down, V/O per
         kv head (2 families), final norm ↔ lm_head, lm_head columns.
-      Per layer 3 + 2 (V/O) + 3 = 8: 8 L + 2 = 18.
+      Per layer 3 + 2 (V/O) + 3 = 8, and the residual stream's scale as in Llama: 8 L + 2 + 1 = 19.
     * OLMo2 (post-norm: the attention and MLP outputs are normalised before the residual; q_norm over all
       H·d query features, k_norm over all G·d key features):
       - q_proj and k_proj scale, one group each (the norm spans the whole projection): (1, 1, numel);
@@ -368,11 +368,24 @@ def qk_norm_expected(arch):
       - o_proj scale (post_attention_layernorm absorbs it), down_proj scale (post_feedforward_layernorm),
         one group each; up ↔ down; V/O per kv head (2 families);
       - no norm ↔ readers inside a layer (the q/k/v and gate/up projections read the residual stream);
-        final norm ↔ lm_head, lm_head columns.
-      Per layer 2 + 2 + 2 + 1 + 1 + 1 = 9: 9 L + 2 = 20."""
+        final norm ↔ lm_head, lm_head columns;
+      - the residual stream (joint): its writers — embed_tokens and both post-norms' γ of every layer — × α
+        against its readers — q, k, v, gate and up of every layer — × 1/α (the final norm absorbs it): one
+        rescale.
+      Per layer 2 + 2 + 2 + 1 + 1 + 1 = 9: 9 L + 2 + 1 = 21."""
     D, H, G, d, n, Q = 2 * E, 4, 2, 4, 2, "model.layers"
     fams = {S("rescale", W("model.norm.weight", (1, D, 1)), W("lm_head.weight", (V, D, 1), -1)),
             S("translation", W("lm_head.weight", (V, D, 1)))}
+    writers, readers = [("model.embed_tokens.weight", V * D)], []
+    for i in range(L):
+        a, m = f"{Q}.{i}.self_attn", f"{Q}.{i}.mlp"
+        if arch == "Qwen3":
+            writers += [(f"{a}.o_proj.weight", D * H * d), (f"{m}.down_proj.weight", 24 * D)]
+        else:
+            writers += [(f"{Q}.{i}.post_attention_layernorm.weight", D), (f"{Q}.{i}.post_feedforward_layernorm.weight", D)]
+            readers += [(f"{a}.q_proj.weight", H * d * D), (f"{a}.k_proj.weight", G * d * D),
+                        (f"{a}.v_proj.weight", G * d * D), (f"{m}.gate_proj.weight", 24 * D), (f"{m}.up_proj.weight", 24 * D)]
+    fams.add(stream("rescale" if readers else "scale", *writers, against=readers))
     for i in range(L):
         a = f"{Q}.{i}.self_attn"
         fams |= {f for f in attention_expected(a, D, H, G, d, rope=True, bias=False)     # V/O only
@@ -410,7 +423,7 @@ def test_qk_norm(arch, attn):
     model = decoder(arch, attn, rms_norm_eps=1e-30, **extra)
     fams, _ = discover(model)
     expected = qk_norm_expected(arch)
-    assert len(expected) == (18 if arch == "Qwen3" else 20)
+    assert len(expected) == (19 if arch == "Qwen3" else 21)
     assert fam_set(fams) == expected
     check_proved(model, fams)
 

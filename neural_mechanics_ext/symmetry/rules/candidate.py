@@ -95,8 +95,9 @@ def _kind_and_name(graph: Graph, src: Source, prop: Propagation, consumers: List
     if src.mode != SCALE:
         return "translation", f"{src.layer} (translation, {src.what})"
     if src.what == "joint":
-        if prop.consumers:
-            return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale, joint)"
+        if prop.consumers:      # the readers of a whole stream: first and last (no count: a twin maps it)
+            readers = ", ".join(consumers) if len(consumers) <= 3 else f"{consumers[0]} … {consumers[-1]}"
+            return "rescale", f"{src.layer} → {readers} (rescale, joint)"
         return "scale", f"{src.layer} (scale, joint)"
     if prop.consumers:
         return "rescale", f"{src.layer} → {', '.join(consumers)} (rescale)"
