@@ -622,13 +622,13 @@ def vit_expected(prefix, ln, attn, mlp, head, patch, pos, packed, cls):
     bias (1, E, 1, 0, E) and (1, E, 1, E, E); V/O: value rows 2E + j (+ bias) ↔ out-projection column j;
     ln_2 ↔ the first MLP layer; the second MLP layer's columns and bias (translation, before a LayerNorm);
     the key bias, elements E + j of the fused bias (translation, one group per element, view (1, E, 1, E, E));
-    timm's attn.proj too (torchvision's out_proj lives inside ``multi_head_attention_forward``: its columns
-    and bias are not sources).  Plus the patch projection's columns and bias (translation), the position
+    the out-projection's columns and bias too (timm's attn.proj; torchvision's out_proj, inside
+    ``multi_head_attention_forward``: the call ends with it).  Plus the patch projection's columns and bias (translation), the position
     table's rows (translation), the class token (translation: concatenated at position 0, where every
     LayerNorm removes a shift uniform over channels), the final LN ↔ head columns, the head's columns and
     bias.  The residual stream (joint scale group): patch projection (W, b), class token, position table,
     every out-projection and second MLP layer (W, b) × α; only LayerNorms read the stream.
-    torchvision 3 + 7 L + 3 + 2 = 22, timm 3 + 9 L + 3 + 2 = 26."""
+    3 + 9 L + 3 + 2 = 26 for both."""
     qkv_w, qkv_b, out_w = packed
     fams = {S("translation", W(f"{patch}.weight", (E, 48, 1))), S("translation", W(f"{patch}.bias", (1, 1, E))),
             S("translation", W(pos, (1, 5, E))),
@@ -670,10 +670,10 @@ def test_torchvision_vit():
     torch.nn.init.normal_(model.heads.head.weight)    # torchvision starts it at 0: every other gradient would be 0
     fams = find_symmetries(model, IMAGES, targets=CLASSES)
     sa = "self_attention"
-    expected = vit_expected("encoder.layers.encoder_layer_", ("ln_1", "ln_2"), None, ("mlp.0", "mlp.3"),
+    expected = vit_expected("encoder.layers.encoder_layer_", ("ln_1", "ln_2"), "self_attention.out_proj", ("mlp.0", "mlp.3"),
                             ("encoder.ln", "heads.head"), "conv_proj", "encoder.pos_embedding",
                             (f"{sa}.in_proj_weight", f"{sa}.in_proj_bias", f"{sa}.out_proj.weight"), "class_token")
-    assert len(expected) == 22
+    assert len(expected) == 26
     assert fam_set(fams) == expected
     check_proved(model, fams)
 

@@ -15,7 +15,8 @@ from typing import List
 
 import torch
 
-from .state import F64, SCALE, SHIFT, Dead, Source, bind, constant_rows, describe_op, fibers, op_layer, param
+from .state import (F64, SCALE, SHIFT, Dead, Source, axis_labels, bind, constant_rows, describe_op, fibers, op_layer,
+                    param, position_labels)
 
 
 def mha(prop, node, args, kwargs) -> None:
@@ -129,7 +130,7 @@ def mha_sources(node, graph) -> List[Source]:
     w, b, wo = param(a.get("in_proj_weight")), param(a.get("in_proj_bias")), param(a.get("out_proj_weight"))
     if w is None or wo is None or a.get("use_separate_proj_weight", False) \
             or a.get("bias_k") is not None or a.get("bias_v") is not None:
-        return []
+        return out_projection_sources(node, graph)
     E = w.shape[0] // 3
     layer = op_layer(node, graph)
 
@@ -144,4 +145,23 @@ def mha_sources(node, graph) -> List[Source]:
            for what, members in (("query·key", qk), ("value·output", vo))]
     if b is not None and not a.get("add_zero_attn", False):     # a zero key would not be shifted
         out.append(Source(SHIFT, node, layer, "key bias", E, None, None, rows(E, 1)[1:], inside=True))
+    return out + out_projection_sources(node, graph)
+
+
+def out_projection_sources(node, graph) -> List[Source]:
+    """The out-projection ends the call (``y = o @ W_outᵀ + b_out``): shifting its input column ``j`` adds
+    ``α·o_j`` to every output feature of a position, shifting ``b_out[k]`` adds ``α`` to feature ``k`` — the
+    shifts of :func:`.linear.layer_sources`, found by a LayerNorm after the residual (torchvision's ViT)."""
+    a = bind(node)
+    wo, bo = param(a.get("out_proj_weight")), param(a.get("out_proj_bias"))
+    y = node.outputs[0]
+    if wo is None or y is None or len(wo.shape) != 2:
+        return []
+    layer, cdim = op_layer(node, graph), len(y.shape) - 1
+    out = [Source(SHIFT, node, layer, "columns", 1, torch.zeros(y.shape, dtype=F64), position_labels(y.shape, cdim),
+                  [(wo.name, None, 1, (wo.shape[0], wo.shape[1], 1))])]
+    if bo is not None:
+        C = bo.shape[0]
+        out.append(Source(SHIFT, node, layer, "bias", C, axis_labels(y.shape, cdim, C), torch.zeros(y.shape, dtype=F64),
+                          [(bo.name, torch.arange(C), 1, None)]))
     return out
