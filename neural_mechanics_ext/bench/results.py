@@ -136,20 +136,22 @@ def sweep_table(points: List[Dict[str, Any]], key: str) -> str:
 
 def tracker_table(t: Dict[str, Any]) -> str:
     """Markdown: one row per (optimizer, variant) of a tracker record."""
-    lines = ["| optimizer | variant | ms/step (median) | IQR ms | overhead (median) | overhead IQR | hook ms/step "
-             "| flush ms/step | own time / plain step |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = ["| optimizer | variant | ms/step (median) | IQR ms | overhead (median) | overhead IQR "
+             "| CPU-time overhead (median, IQR) | hook ms/step | flush ms/step | own time / plain step |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    pct = lambda o, k: f"{o[k] * 100:+.2f}%"  # noqa: E731
     for opt, v, e in ((o, v, e) for o in t["optimizers"] for v, e in o["variants"].items()):
         s = e["step_ms"]
-        o = e.get("overhead")
-        ov = "-" if o is None else f"{o['median'] * 100:+.2f}%"
-        oq = "-" if o is None else f"{o['q1'] * 100:+.2f}% .. {o['q3'] * 100:+.2f}%"
+        o, c = e.get("overhead"), e.get("cpu_overhead")
+        ov = "-" if o is None else pct(o, "median")
+        oq = "-" if o is None else f"{pct(o, 'q1')} .. {pct(o, 'q3')}"
+        cpu = "-" if c is None else f"{pct(c, 'median')} ({pct(c, 'q1')} .. {pct(c, 'q3')})"
         hook = f"{e['hook_ms_per_step']:.2f}" if "hook_ms_per_step" in e else "-"
         proc = f"{e['process_ms_per_step']:.2f}" if "process_ms_per_step" in e else "-"
         own = f"{e['own_share'] * 100:.2f}%" if "own_share" in e else "-"
         lead = f"{opt['optimizer']} ({opt['rounds']} rounds)" if v == next(iter(opt["variants"])) else ""
-        lines.append(f"| {lead} | {v} | {s['median']:.2f} | {s['q1']:.2f}-{s['q3']:.2f} | {ov} | {oq} | {hook} | {proc} "
-                     f"| {own} |")
+        lines.append(f"| {lead} | {v} | {s['median']:.2f} | {s['q1']:.2f}-{s['q3']:.2f} | {ov} | {oq} | {cpu} | {hook} "
+                     f"| {proc} | {own} |")
     return "\n".join(lines)
 
 
@@ -297,6 +299,7 @@ def compact_summary(results: Dict[str, Any]) -> str:
             lines.append(f"tracker ({t['workload']}, {o['optimizer']}): " + "; ".join(
                 f"{v} {e['step_ms']['median']:.2f} ms"
                 + (f" {e['overhead']['median'] * 100:+.2f}%" if "overhead" in e else "")
+                + (f" (CPU time {e['cpu_overhead']['median'] * 100:+.2f}%)" if "cpu_overhead" in e else "")
                 + (f" (own time {e['own_share'] * 100:.2f}%)" if "own_share" in e else "")
                 for v, e in o["variants"].items()))
     if results.get("goals"):
