@@ -200,6 +200,21 @@ def test_command_end_to_end(tmp_path, capsys):
     assert "tracker (tiny mlp, adamw): none" in printed
 
 
-def test_command_refuses_an_unknown_optimizer(capsys):
+def test_command_refuses_an_unknown_optimizer_or_variant(capsys):
     assert main(["bench", "--device", "cpu", "--parts", "tracker", "--optimizers", "sgd,rmsprop"]) == 2
     assert "unknown optimizer 'rmsprop'" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--parts", "tracker", "--tracker-variants", "ours-optimiser"]) == 2
+    assert "unknown tracker variant 'ours-optimiser'" in capsys.readouterr().err
+
+
+def test_command_tracker_part_with_chosen_optimizer_and_variants(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["bench", "--device", "cpu", "--quick", "--threads", "1", "--parts", "tracker", "--model",
+               "test_benchmark:tiny_workload", "--optimizers", "adamw", "--tracker-variants", "ours-optimizer",
+               "--tracker-rounds", "2", "--tracker-steps", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    (o,) = data["tracker"]["optimizers"]
+    assert o["optimizer"] == "adamw" and list(o["variants"]) == ["none", "ours-optimizer"]   # the baseline too
+    goal = [g for g in data["goals"] if g["goal"].startswith("tracker")][0]
+    assert goal["measured"] == o["variants"]["ours-optimizer"]["overhead"]["median"] and "adamw" in goal["where"]

@@ -17,9 +17,9 @@ way, and not with the usual independent timings:
 
 The clock is ``torch.utils.benchmark.timer``, which synchronises the accelerator when one is in use.
 Beside it, each block's CPU time of this process (``time.process_time``): on a machine whose cores are
-shared with other jobs, time taken away by them is not in it, so its paired ratio (``cpu_overhead``)
-stays readable where the wall-clock one drowns in their noise; it misses time spent waiting (an
-accelerator, I/O), and with several threads it counts their spinning.
+shared with other jobs, time taken away by them is not in it (their pressure on caches and memory
+bandwidth still is), so its paired ratio (``cpu_overhead``) is less noisy than the wall-clock one; it
+misses time spent waiting (an accelerator, I/O), and with several threads it counts their spinning.
 """
 from __future__ import annotations
 

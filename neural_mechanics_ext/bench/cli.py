@@ -24,7 +24,7 @@ from .peers import ALL_PEERS, GB, GRAD_DTYPES, available_bytes, first_line
 from .plot import plot_scaling
 from .results import compact_summary, evaluate_goals, fmt_ratio, render_markdown, update_results_file
 from .timing import Deadline, bandwidth
-from .tracker import TRACKER_OPTIMIZERS, demo_workload, load_factory, tracker_overhead, vgg16_bn_workload
+from .tracker import TRACKER_OPTIMIZERS, TRACKER_VARIANTS, demo_workload, load_factory, tracker_overhead, vgg16_bn_workload
 
 ALL_SETS = ("vgg16_bn", "resnet50", "gpt2")
 ALL_PARTS = ("moments", "scaling", "count", "tracker")
@@ -67,6 +67,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", default=",".join(TRACKER_OPTIMIZERS),
                         help=f"comma list of the tracker part's optimizers, each measured on its own ({', '.join(OPTIMIZERS)}; "
                              "SGD with the workload's settings, the others with train's defaults)")
+    parser.add_argument("--tracker-variants", default=",".join(TRACKER_VARIANTS),
+                        help=f"comma list of the tracker part's variants ({', '.join(TRACKER_VARIANTS)}; 'none', the "
+                             "baseline, is always measured)")
     parser.add_argument("--flush-every", type=int, default=None,
                         help="SymmetryTracker flush_every of the tracker part (default: the workload's, else 50)")
 
@@ -141,6 +144,11 @@ def _start(args: argparse.Namespace) -> Optional[BenchRun]:
         if bad or not args.optimizers.strip(","):
             print(f"neural-mechanics bench: unknown optimizer {bad[0] if bad else args.optimizers!r}; known: "
                   f"{', '.join(OPTIMIZERS)}", file=sys.stderr)
+            return None
+        bad = [v for v in args.tracker_variants.split(",") if v and v not in TRACKER_VARIANTS]
+        if bad:
+            print(f"neural-mechanics bench: unknown tracker variant {bad[0]!r}; known: {', '.join(TRACKER_VARIANTS)}",
+                  file=sys.stderr)
             return None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,9 +314,10 @@ def _tracker_part(run: BenchRun, deadline: Deadline) -> Dict[str, Any]:
     steps = args.tracker_steps or flush
     rounds = args.tracker_rounds or (2 if run.quick else 7)
     optimizers = [o for o in args.optimizers.split(",") if o]
+    variants = ["none"] + [v for v in args.tracker_variants.split(",") if v and v != "none"]
     run.log(f"tracker: {workload.name}; {', '.join(optimizers)}; {rounds} rounds x {steps} steps per variant")
     rec = tracker_overhead(workload, run.device, rounds=rounds, block_steps=steps, warmup_steps=flush,
-                           flush_every=flush, optimizers=optimizers, deadline=deadline, log=run.log)
+                           flush_every=flush, variants=variants, optimizers=optimizers, deadline=deadline, log=run.log)
     for o in rec["optimizers"]:
         for v, e in o["variants"].items():
             ov = e.get("overhead")
