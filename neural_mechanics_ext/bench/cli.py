@@ -24,7 +24,8 @@ from .peers import ALL_PEERS, GB, GRAD_DTYPES, available_bytes, first_line
 from .plot import plot_scaling
 from .results import compact_summary, evaluate_goals, fmt_ratio, render_markdown, update_results_file
 from .timing import Deadline, bandwidth
-from .tracker import TRACKER_OPTIMIZERS, TRACKER_VARIANTS, demo_workload, load_factory, tracker_overhead, vgg16_bn_workload
+from .tracker import (TRACKER_OPTIMIZERS, TRACKER_VARIANTS, demo_workload, load_factory, tracker_overhead,
+                      vgg16_bn_workload)
 
 ALL_SETS = ("vgg16_bn", "resnet50", "gpt2")
 ALL_PARTS = ("moments", "scaling", "count", "tracker")
@@ -65,8 +66,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker-rounds", type=int, default=None, help="interleaved blocks per variant")
     parser.add_argument("--tracker-steps", type=int, default=None, help="steps per block (default = flush interval)")
     parser.add_argument("--optimizers", default=",".join(TRACKER_OPTIMIZERS),
-                        help=f"comma list of the tracker part's optimizers, each measured on its own ({', '.join(OPTIMIZERS)}; "
-                             "SGD with the workload's settings, the others with train's defaults)")
+                        help=f"comma list of the tracker part's optimizers, each measured on its own "
+                             f"({', '.join(OPTIMIZERS)}; SGD with the workload's settings, the others with train's "
+                             "defaults)")
     parser.add_argument("--tracker-variants", default=",".join(TRACKER_VARIANTS),
                         help=f"comma list of the tracker part's variants ({', '.join(TRACKER_VARIANTS)}; 'none', the "
                              "baseline, is always measured)")

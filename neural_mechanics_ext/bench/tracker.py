@@ -91,7 +91,8 @@ def demo_workload(device, batch: Optional[int] = None) -> Workload:
         classes = probe(x[:2]).shape[-1]
         params = sum(p.numel() for p in probe.parameters())
     _, y = _fixed_batch(batch, 32, classes, device)
-    note = f"models.demo_net ({fmt_count(params)} parameters), batch {batch} of 3x32x32, {classes} classes, one fixed batch"
+    note = (f"models.demo_net ({fmt_count(params)} parameters), batch {batch} of 3x32x32, {classes} classes, "
+            "one fixed batch")
     return Workload(f"demo_net b{batch}", make, x, y, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                     note=note, flush_every=c.flush_every)
 
