@@ -93,16 +93,30 @@ def tiny_workload(device):
     return B.Workload("tiny mlp", make, x, y, note="tiny", families=families)
 
 
-def test_tracker_overhead_runs_every_variant():
+def test_tracker_overhead_runs_every_variant_under_each_optimizer():
     rec = B.tracker_overhead(tiny_workload("cpu"), torch.device("cpu"), rounds=2, block_steps=2, warmup_steps=2,
-                             flush_every=2)
-    assert set(rec["variants"]) == set(B.TRACKER_VARIANTS)
-    assert rec["rounds"] == 2 and rec["families"] == 2 and rec["groups"] == 24
-    for v, e in rec["variants"].items():
-        assert e["step_ms"]["n"] == 2
-        assert ("overhead" in e) == (v != "none")
-        assert ("hook_ms_per_step" in e) == ("own_share" in e) == v.startswith("ours")
-    assert "ours-backward" in B.tracker_table(rec)
+                             flush_every=2, optimizers=("sgd", "adamw"))
+    assert rec["families"] == 2 and rec["groups"] == 24
+    assert [o["optimizer"] for o in rec["optimizers"]] == ["sgd", "adamw"]
+    # SGD with the workload's settings, AdamW with train's defaults (app.runner.OPTIMIZERS)
+    assert [o["settings"] for o in rec["optimizers"]] == [
+        "SGD lr 0.01, momentum 0.9, weight decay 0.0005",
+        "AdamW lr 0.001, betas (0.9, 0.999), eps 1e-08, decoupled weight decay 0.01"]
+    for o in rec["optimizers"]:
+        assert o["rounds"] == 2 and set(o["variants"]) == set(B.TRACKER_VARIANTS)
+        for v, e in o["variants"].items():
+            assert e["step_ms"]["n"] == 2 and e["step_ms"]["median"] > 0
+            assert ("overhead" in e) == ("cpu_overhead" in e) == (v != "none")
+            assert ("hook_ms_per_step" in e) == ("own_share" in e) == v.startswith("ours")
+    table = B.tracker_table(rec)
+    # header, rule, 4 variants x 2 optimizers; the optimizer is named on its first row
+    assert len(table.splitlines()) == 2 + 8 and "| adamw (2 rounds) | none |" in table
+    goal = [g for g in B.evaluate_goals({"meta": {"device": "cpu"}, "tracker": rec}) if g["goal"].startswith("tracker")]
+    worst = max(o["variants"]["ours-optimizer"]["overhead"]["median"] for o in rec["optimizers"])
+    assert goal[0]["measured"] == worst
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        B.tracker_overhead(tiny_workload("cpu"), torch.device("cpu"), rounds=1, block_steps=1, warmup_steps=1,
+                           flush_every=1, optimizers=("rmsprop",))
 
 
 def test_naive_tracker_computes_the_group_moments():
@@ -118,6 +132,29 @@ def test_naive_tracker_computes_the_group_moments():
     # step 2 (momentum buffers exist): scale family, group k: Σ θ² over row k of weight and bias
     # (before the step, which is when the pre-hook reads them) is the xx column.
     assert len(naive.history) == 2 and len(naive.history[1][0]) == 12
+
+
+def test_naive_tracker_under_adamw_reads_the_update_direction():
+    """Under AdamW the naive tracker's third tensor is u with θ_{k+1} = (1 − lr·λ)θ_k − lr·u: its group
+    sums must match the realised update of each row (float64: to rounding)."""
+    wl = tiny_workload("cpu")
+    model = wl.make_model().double()
+    lr, wd = 0.01, 0.1
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    naive = B.NaiveTracker(model, opt, wl.families)
+    w, b = model[0].weight, model[0].bias
+    for _ in range(3):
+        before = torch.cat([w.detach().clone(), b.detach().clone()[:, None]], 1)   # rows of the scale groups
+        opt.zero_grad()
+        wl.loss_fn(model(wl.inputs.double()), wl.targets).backward()
+        opt.step()
+        after = torch.cat([w.detach(), b.detach()[:, None]], 1)
+        u = ((1 - lr * wd) * before - after) / lr
+        got = torch.tensor(naive.history[-1][0], dtype=torch.float64)   # [12 groups, 9]: x, p, u, xx, ...
+        assert torch.allclose(got[:, 2], u.sum(1), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got[:, 3], (before * before).sum(1), rtol=1e-12)
+        assert torch.allclose(got[:, 7], (before * u).sum(1), rtol=1e-8, atol=1e-12)
+    naive.close()
 
 
 def test_results_file_sections_are_replaced(tmp_path):
@@ -152,6 +189,7 @@ def test_command_end_to_end(tmp_path, capsys):
     assert [p["label"] for p in data["scaling"]] == ["10k", "40k"]
     assert [p["tensors"] for p in data["count"]] == [1, 4]
     assert data["tracker"]["workload"] == "tiny mlp"
+    assert [o["optimizer"] for o in data["tracker"]["optimizers"]] == ["sgd", "adamw"]   # the default: both
     assert {g["goal"] for g in data["goals"]} == {g for g, _, _ in B.GOALS["cpu"]}
     assert not data["skipped"]
     md = (out / "results.md").read_text()
@@ -159,3 +197,24 @@ def test_command_end_to_end(tmp_path, capsys):
     assert "nmx-bench begin cpu:" in results.read_text()
     printed = capsys.readouterr().out
     assert "goal speed-up vs eager reference" in printed and "ours ms" in printed
+    assert "tracker (tiny mlp, adamw): none" in printed
+
+
+def test_command_refuses_an_unknown_optimizer_or_variant(capsys):
+    assert main(["bench", "--device", "cpu", "--parts", "tracker", "--optimizers", "sgd,rmsprop"]) == 2
+    assert "unknown optimizer 'rmsprop'" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--parts", "tracker", "--tracker-variants", "ours-optimiser"]) == 2
+    assert "unknown tracker variant 'ours-optimiser'" in capsys.readouterr().err
+
+
+def test_command_tracker_part_with_chosen_optimizer_and_variants(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["bench", "--device", "cpu", "--quick", "--threads", "1", "--parts", "tracker", "--model",
+               "test_benchmark:tiny_workload", "--optimizers", "adamw", "--tracker-variants", "ours-optimizer",
+               "--tracker-rounds", "2", "--tracker-steps", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    (o,) = data["tracker"]["optimizers"]
+    assert o["optimizer"] == "adamw" and list(o["variants"]) == ["none", "ours-optimizer"]   # the baseline too
+    goal = [g for g in data["goals"] if g["goal"].startswith("tracker")][0]
+    assert goal["measured"] == o["variants"]["ours-optimizer"]["overhead"]["median"] and "adamw" in goal["where"]

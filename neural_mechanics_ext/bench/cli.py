@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.utils.benchmark as tb
 
+from ..app.runner import OPTIMIZERS
 from .cases import run_case
 from .machine import machine_info, section_key
 from .params import SET_BUILDERS, count_set, fmt_count, scaling_set, shrink
@@ -23,7 +24,8 @@ from .peers import ALL_PEERS, GB, GRAD_DTYPES, available_bytes, first_line
 from .plot import plot_scaling
 from .results import compact_summary, evaluate_goals, fmt_ratio, render_markdown, update_results_file
 from .timing import Deadline, bandwidth
-from .tracker import demo_workload, load_factory, tracker_overhead, vgg16_bn_workload
+from .tracker import (TRACKER_OPTIMIZERS, TRACKER_VARIANTS, demo_workload, load_factory, tracker_overhead,
+                      vgg16_bn_workload)
 
 ALL_SETS = ("vgg16_bn", "resnet50", "gpt2")
 ALL_PARTS = ("moments", "scaling", "count", "tracker")
@@ -63,6 +65,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "net on CPU, VGG-16-BN batch 128 at 64x64 on CUDA")
     parser.add_argument("--tracker-rounds", type=int, default=None, help="interleaved blocks per variant")
     parser.add_argument("--tracker-steps", type=int, default=None, help="steps per block (default = flush interval)")
+    parser.add_argument("--optimizers", default=",".join(TRACKER_OPTIMIZERS),
+                        help=f"comma list of the tracker part's optimizers, each measured on its own "
+                             f"({', '.join(OPTIMIZERS)}; SGD with the workload's settings, the others with train's "
+                             "defaults)")
+    parser.add_argument("--tracker-variants", default=",".join(TRACKER_VARIANTS),
+                        help=f"comma list of the tracker part's variants ({', '.join(TRACKER_VARIANTS)}; 'none', the "
+                             "baseline, is always measured)")
     parser.add_argument("--flush-every", type=int, default=None,
                         help="SymmetryTracker flush_every of the tracker part (default: the workload's, else 50)")
 
@@ -132,6 +141,17 @@ def _start(args: argparse.Namespace) -> Optional[BenchRun]:
     if unknown:
         print(f"neural-mechanics bench: unknown part {unknown[0]!r}; known: {', '.join(ALL_PARTS)}", file=sys.stderr)
         return None
+    if "tracker" in parts:
+        bad = [o for o in args.optimizers.split(",") if o not in OPTIMIZERS]
+        if bad or not args.optimizers.strip(","):
+            print(f"neural-mechanics bench: unknown optimizer {bad[0] if bad else args.optimizers!r}; known: "
+                  f"{', '.join(OPTIMIZERS)}", file=sys.stderr)
+            return None
+        bad = [v for v in args.tracker_variants.split(",") if v and v not in TRACKER_VARIANTS]
+        if bad:
+            print(f"neural-mechanics bench: unknown tracker variant {bad[0]!r}; known: {', '.join(TRACKER_VARIANTS)}",
+                  file=sys.stderr)
+            return None
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = machine_info(device)
@@ -295,12 +315,16 @@ def _tracker_part(run: BenchRun, deadline: Deadline) -> Dict[str, Any]:
         flush = min(flush, 5)
     steps = args.tracker_steps or flush
     rounds = args.tracker_rounds or (2 if run.quick else 7)
-    run.log(f"tracker: {workload.name}; {rounds} rounds x {steps} steps per variant")
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    variants = ["none"] + [v for v in args.tracker_variants.split(",") if v and v != "none"]
+    run.log(f"tracker: {workload.name}; {', '.join(optimizers)}; {rounds} rounds x {steps} steps per variant")
     rec = tracker_overhead(workload, run.device, rounds=rounds, block_steps=steps, warmup_steps=flush,
-                           flush_every=flush, deadline=deadline, log=run.log)
-    for v, e in rec["variants"].items():
-        o = e.get("overhead")
-        run.log(f"    {v:15s} {e['step_ms']['median']:.2f} ms/step" + ("" if o is None else f"  {o['median'] * 100:+.2f}%"))
+                           flush_every=flush, variants=variants, optimizers=optimizers, deadline=deadline, log=run.log)
+    for o in rec["optimizers"]:
+        for v, e in o["variants"].items():
+            ov = e.get("overhead")
+            run.log(f"    {o['optimizer']:6s} {v:15s} {e['step_ms']['median']:.2f} ms/step"
+                    + ("" if ov is None else f"  {ov['median'] * 100:+.2f}%"))
     return rec
 
 

@@ -1,8 +1,9 @@
 """The tracker part: a full training step with no tracker, a naive hand-written tracker, and
-``SymmetryTracker`` in both hook modes, measured by :mod:`neural_mechanics_ext.app.overhead` (the same
-measurement as ``train``'s direct overhead)."""
+``SymmetryTracker`` in both hook modes, under each optimizer asked for (SGD, AdamW, ...), measured by
+:mod:`neural_mechanics_ext.app.overhead` (the same measurement as ``train``'s direct overhead)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import time
@@ -14,18 +15,21 @@ import torch
 from .. import SymmetryTracker, find_symmetries
 from ..app.models import demo_net, vgg16_bn
 from ..app.overhead import interleaved_blocks, overhead_summary
-from ..app.runner import PRESETS, RunConfig
+from ..app.report import optimizer_text
+from ..app.runner import OPTIMIZERS, PRESETS, RunConfig, make_optimizer
+from ..theory import optimizer_family, state_step, step_hyper, update_direction
 from ..views import full, strided
 from .params import fmt_count
 from .timing import Deadline
 
 TRACKER_VARIANTS = ("none", "naive", "ours-optimizer", "ours-backward")
+TRACKER_OPTIMIZERS = ("sgd", "adamw")   # the default of --optimizers; any name of app.runner.OPTIMIZERS works
 
 
 @dataclass
 class Workload:
     """A training step to time: a model factory (same initial weights every call), one fixed batch,
-    the loss, and how the batch was chosen."""
+    the loss, the SGD settings, and how the batch was chosen."""
     name: str
     make_model: Callable[[], torch.nn.Module]
     inputs: torch.Tensor
@@ -37,6 +41,16 @@ class Workload:
     note: str = ""
     families: Optional[list] = None
     flush_every: Optional[int] = None   # the tracker's flush interval in this workload's real use
+
+    def optimizer_config(self, name: str) -> RunConfig:
+        """The settings of optimizer ``name`` (a key of ``app.runner.OPTIMIZERS``): SGD with this
+        workload's, any other with ``neural-mechanics train --optimizer NAME``'s defaults."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+        if name == "sgd":
+            return RunConfig(optimizer="sgd", lr=self.lr, momentum=self.momentum,
+                             weight_decay=self.weight_decay).resolved()
+        return RunConfig(optimizer=name).resolved()
 
 
 def _fixed_batch(batch: int, size: int, classes: int, device):
@@ -61,8 +75,7 @@ def vgg16_bn_workload(device, batch: int = 128, size: int = 64, classes: int = 2
     return Workload(f"vgg16_bn b{batch} {size}x{size}", _seeded(lambda: vgg16_bn(classes, image_size=size), device),
                     x, y, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"],
                     note=f"models.vgg16_bn (the paper's VGG-16-BN, {classes} classes), batch {batch} of 3x{size}x{size} "
-                         f"(Tiny ImageNet shape), SGD lr {p['lr']} momentum {p['momentum']} wd {p['weight_decay']}, "
-                         "one fixed batch")
+                         "(Tiny ImageNet shape), one fixed batch")
 
 
 def demo_workload(device, batch: Optional[int] = None) -> Workload:
@@ -78,8 +91,8 @@ def demo_workload(device, batch: Optional[int] = None) -> Workload:
         classes = probe(x[:2]).shape[-1]
         params = sum(p.numel() for p in probe.parameters())
     _, y = _fixed_batch(batch, 32, classes, device)
-    note = (f"models.demo_net ({fmt_count(params)} parameters), batch {batch} of 3x32x32, {classes} classes, SGD lr "
-            f"{c.lr} momentum {c.momentum} wd {c.weight_decay}, one fixed batch")
+    note = (f"models.demo_net ({fmt_count(params)} parameters), batch {batch} of 3x32x32, {classes} classes, "
+            "one fixed batch")
     return Workload(f"demo_net b{batch}", make, x, y, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                     note=note, flush_every=c.flush_every)
 
@@ -94,28 +107,47 @@ def load_factory(spec: str) -> Callable[..., Workload]:
 
 class NaiveTracker:
     """What a user would write by hand: in an optimizer step pre-hook, for every member of every
-    family, nine eager reductions over the ``(A, K, B)`` view of θ, g and v in the parameters' dtype,
-    summed into the family's groups with their signs, then brought to the host (one sync per family)."""
+    family, nine eager reductions over the ``(A, K, B)`` view of θ and the two tensors the tracker's
+    theory reads beside it (SGD: g and the momentum buffer v; Adam, AdamW, Lion: the new first moment
+    and the update direction u, formed eagerly per tensor by ``theory.update_direction``), in the
+    parameters' dtype, summed into the family's groups with their signs, then brought to the host (one
+    sync per family)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, families):
         self.optimizer = optimizer
+        self.family = optimizer_family(optimizer)
         named = dict(model.named_parameters())
         self.families = [(f, [(named[n], v, s) for n, v, s in f.members]) for f in families]
+        self._tracked = {id(p) for _, members in self.families for p, _, _ in members}
         self.history: List[List[list]] = []
         self._handle = optimizer.register_step_pre_hook(self._hook)
 
+    def _streams(self, optimizer) -> Dict[int, tuple]:
+        """Per tracked parameter (by id): the two flat tensors read beside θ at this step."""
+        out = {}
+        for group in optimizer.param_groups:
+            for p in (p for p in group["params"] if id(p) in self._tracked):
+                g = p.grad.view(-1) if p.grad is not None else torch.zeros_like(p).view(-1)
+                state = optimizer.state.get(p, {})
+                if self.family == "sgd":
+                    buf = state.get("momentum_buffer")
+                    out[id(p)] = (g, buf.view(-1) if buf is not None else torch.zeros_like(g))
+                    continue
+                hp = step_hyper(optimizer, group, step=state_step(state) + 1)
+                out[id(p)] = tuple(t.reshape(-1) for t in update_direction(p.detach(), g.view_as(p), state, hp))
+        return out
+
     @torch.no_grad()
     def _hook(self, optimizer, args, kwargs):
+        streams = self._streams(optimizer)
         row = []
         for f, members in self.families:
             acc = None
             for p, view, sign in members:      # views of part of a tensor too
                 cut = full(view, p.numel())
+                y, z = (strided(t, cut) for t in streams[id(p)])
                 x = strided(p.view(-1), cut)
-                g = strided(p.grad.view(-1), cut) if p.grad is not None else torch.zeros_like(x)
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                v = strided(buf.view(-1), cut) if buf is not None else torch.zeros_like(x)
-                m = torch.stack([t.sum((0, 2)) for t in (x, g, v, x * x, g * g, v * v, x * g, x * v, g * v)], 1)
+                m = torch.stack([t.sum((0, 2)) for t in (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)], 1)
                 acc = sign * m if acc is None else acc + sign * m
             row.append(acc.cpu().tolist())
         self.history.append(row)
@@ -126,21 +158,44 @@ class NaiveTracker:
 
 def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, block_steps: int,
                      warmup_steps: int, flush_every: int, variants: Sequence[str] = TRACKER_VARIANTS,
-                     deadline: Optional[Deadline] = None, log: Callable[[str], None] = lambda s: None
-                     ) -> Dict[str, Any]:
-    """Training-step time of each variant on ONE model and optimizer, in interleaved blocks of
-    ``block_steps`` steps (``app.overhead.interleaved_blocks``: one round = one block of every variant,
-    order rotated per round; each block holds its tracker's processing); a JSON-ready record."""
+                     optimizers: Sequence[str] = TRACKER_OPTIMIZERS, deadline: Optional[Deadline] = None,
+                     log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    """Training-step time of each variant under each optimizer, a JSON-ready record: the workload and
+    its families, and per optimizer (``optimizers``, a list in that order) its settings and the
+    variants' times and overheads (:func:`_optimizer_overhead`), each optimizer with its share of
+    ``deadline``."""
+    for name in optimizers:
+        workload.optimizer_config(name)   # an unknown name fails before any time is spent
     families, setup = workload.families, {}
     if families is None:
         start = time.perf_counter()
         families = find_symmetries(workload.make_model(), workload.inputs[:4])
         setup["find_symmetries_s"] = time.perf_counter() - start
         log(f"    find_symmetries: {len(families)} families in {setup['find_symmetries_s']:.1f} s")
+    named = dict(workload.make_model().named_parameters())
+    rec = {"workload": workload.name, "note": workload.note, "device": str(device),
+           "block_steps": block_steps, "warmup_steps": warmup_steps, "flush_every": flush_every,
+           "families": len(families), "groups": sum(f.num_groups for f in families),
+           "tracked_params": sum(named[n].numel() for n in {n for f in families for n in f.param_names}), **setup,
+           "optimizers": []}
+    for i, name in enumerate(optimizers):
+        share = None if deadline is None else deadline.share(1, len(optimizers) - i)
+        rec["optimizers"].append(_optimizer_overhead(workload, families, name, rounds=rounds, block_steps=block_steps,
+                                                     warmup_steps=warmup_steps, flush_every=flush_every,
+                                                     variants=variants, deadline=share))
+    return rec
+
+
+def _optimizer_overhead(workload: Workload, families, name: str, *, rounds: int, block_steps: int,
+                        warmup_steps: int, flush_every: int, variants: Sequence[str],
+                        deadline: Optional[Deadline]) -> Dict[str, Any]:
+    """The variants on ONE model and ONE optimizer ``name``, in interleaved blocks of ``block_steps``
+    steps (``app.overhead.interleaved_blocks``: one round = one block of every variant, order rotated
+    per round; each block holds its tracker's processing)."""
+    config = workload.optimizer_config(name)
     model = workload.make_model()
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum,
-                          weight_decay=workload.weight_decay)
+    opt = make_optimizer(model, config)
 
     def attach(v: str) -> Callable[[], Any]:
         if v == "naive":
@@ -157,12 +212,8 @@ def tracker_overhead(workload: Workload, device: torch.device, *, rounds: int, b
 
     times = interleaved_blocks(step, {v: attach(v) for v in variants}, rounds=rounds, block_steps=block_steps,
                                warmup_steps=warmup_steps, stop=None if deadline is None else deadline.passed)
-    named = dict(model.named_parameters())
-    rec = {"workload": workload.name, "note": workload.note, "device": str(device),
-           "rounds": len(times.seconds[variants[0]]), "block_steps": block_steps, "warmup_steps": warmup_steps,
-           "flush_every": flush_every, "families": len(families), "groups": sum(f.num_groups for f in families),
-           "tracked_params": sum(named[n].numel() for n in {n for f in families for n in f.param_names}), **setup,
-           "variants": overhead_summary(times)}
+    rec = {"optimizer": name, "settings": optimizer_text(dataclasses.asdict(config)),
+           "rounds": len(times.seconds[variants[0]]), "variants": overhead_summary(times)}
     del model, opt
     gc.collect()
     return rec
