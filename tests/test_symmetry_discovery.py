@@ -685,3 +685,32 @@ def test_mobilenet_v2():
     }
     assert fam_set(fams) == expected
     check_all_pass(fams)
+
+
+def test_squeezenet_fire_modules_read_part_of_a_concatenation():
+    """SqueezeNet 1.0: a fire module concatenates expand1x1 and expand3x3 (ReLU after each), and the next
+    squeeze conv (or the final conv) reads the concatenation: each expand conv's units are rescaled against
+    ITS part of the reader's input channels — views of part of the reader's weight (issue 13 item 1).  Per
+    fire (8 of them): squeeze → expand1x1 + expand3x3 (both read the squeeze output), expand1x1 → next
+    reader, expand3x3 → next reader; plus the stem features.0 → the first squeeze (a max-pool in between
+    is homogeneous).  No BatchNorm, ReLU everywhere, the classifier conv is followed by ReLU (no
+    translation): 1 + 3·8 = 25 rescales."""
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0(num_classes=5)
+    fams = find_quiet(model, torch.randn(2, 3, 64, 64))
+    fires = [n for n, m in model.named_modules() if type(m).__name__ == "Fire"]
+    assert len(fires) == 8 and len(fams) == 25 and {f.kind for f in fams} == {"rescale"}
+    readers = [f"{n}.squeeze" for n in fires[1:]] + ["classifier.1"]
+    W_ = dict(model.named_parameters())
+    for fire, reader in zip(fires, readers):
+        e1 = W_[f"{fire}.expand1x1.weight"].shape[0]
+        r = W_[f"{reader}.weight"]
+        tail = r.shape[2] * r.shape[3]
+        for part, first in (("expand1x1", 0), ("expand3x3", e1)):
+            (fam,) = [f for f in fams if f.name.startswith(f"{fire}.{part} →")]
+            n = W_[f"{fire}.{part}.weight"].shape[0]
+            (member,) = [m for m in fam.members if m[0] == f"{reader}.weight"]
+            # reader columns first … first + n − 1 of [out, in, kh, kw]: flat elements o·in·tail + (first + k)·tail + t
+            assert member[2] == -1 and full(member[1], r.numel()) == (r.shape[0], n, tail, first * tail,
+                                                                       r.shape[1] * tail)
+    check_all_pass(fams)
