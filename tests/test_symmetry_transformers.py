@@ -317,13 +317,14 @@ def test_llama_eager_and_sdpa_agree(kv_heads):
 
 
 def decoder(arch, attn="sdpa", **extra):
-    """A tiny ``{arch}ForCausalLM``: width 16, 4 query heads of dim 4, 2 kv heads, intermediate 24, untied;
+    """A tiny ``{arch}ForCausalLM``: width 16, 4 query heads of dim 4, 2 kv heads, intermediate 24, untied
+    (unless ``extra`` says otherwise);
     non-trivial norm weights and biases."""
     torch.manual_seed(0)
     cfg = getattr(transformers, f"{arch}Config")(
         vocab_size=V, hidden_size=2 * E, intermediate_size=24, num_hidden_layers=L, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False, attn_implementation=attn,
-        **extra)
+        num_key_value_heads=2, max_position_embeddings=16, attn_implementation=attn,
+        **{"tie_word_embeddings": False, **extra})
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).double().train()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -447,6 +448,36 @@ def test_key_bias_under_padding_masks(attn):
         fams = find_symmetries(model, {**BATCH, "attention_mask": mask})
     assert fam_set(fams) == gpt2_expected(tied=False)
     check_proved(model, fams, mask)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gemma_scaled_embedding_and_offset_norm(tied):
+    """Gemma writes its code differently from Llama: the embedding is multiplied by √D (a constant made
+    in the forward), RMSNorm multiplies by (1 + γ) and ends with ``type_as(x)``.  Scaling γ does not scale
+    (1 + γ): no norm ↔ readers, no final norm ↔ lm_head.  Per layer Q/K per (kv head, rotation pair) and
+    V/O per kv head (2 + 2, :func:`attention_expected`), up ↔ down; the lm_head columns (untied); the
+    residual stream's scale (embed_tokens, through the constant factor, o_proj, down_proj): untied
+    5 L + 1 + 1 = 12.  Tied, the stream's rescale would need the final norm's affine × 1/α, which (1 + γ)
+    cannot give: refused with that reason; 5 L = 10."""
+    D, Q = 2 * E, "model.layers"
+    model = decoder("Gemma", head_dim=4, tie_word_embeddings=tied)
+    fams, rejected = discover(model)
+    expected = set()
+    writers = [("model.embed_tokens.weight", V * D)]
+    for i in range(L):
+        expected |= attention_expected(f"{Q}.{i}.self_attn", D, 4, 2, 4, rope=True, bias=False)
+        expected.add(S("rescale", W(f"{Q}.{i}.mlp.up_proj.weight", (1, 24, D)),
+                       W(f"{Q}.{i}.mlp.down_proj.weight", (D, 24, 1), -1)))
+        writers += [(f"{Q}.{i}.self_attn.o_proj.weight", D * D), (f"{Q}.{i}.mlp.down_proj.weight", 24 * D)]
+    if not tied:
+        expected |= {S("translation", W("lm_head.weight", (V, D, 1))), stream("scale", *writers)}
+    assert len(expected) == (10 if tied else 12)
+    assert fam_set(fams) == expected
+    check_proved(model, fams)
+    joint = [r.reason for r in rejected if "(joint)" in r.reason]
+    assert joint == ([] if not tied else [
+        "model.embed_tokens … model.layers.1.mlp.down_proj (joint): model.embed_tokens.weight is also used by "
+        "linear in lm_head, whose input no writer can scale by 1/α"])
 
 
 def test_llama_tied():

@@ -111,7 +111,10 @@ def _candidates(graph) -> Tuple[List[SymmetryFamily], List[Rejected], dict]:
     cands = [build_candidate(graph, src, deaths) for src in sources]
     # then the joint candidates, which start where single sources died at a join, and the whole-tensor
     # shifts of tied parameters
-    cands += [build_candidate(graph, src) for src in joint_sources(graph, deaths) + tied_shifts(graph, sources)]
+    reasons = []
+    joint = joint_sources(graph, deaths, reasons) + tied_shifts(graph, sources)
+    cands += [build_candidate(graph, src) for src in joint]
+    refused.extend(Rejected(None, None, why) for why in reasons)
     for cand in cands:
         if cand is None:
             continue

@@ -39,6 +39,8 @@ def identity(prop, node, args, kwargs) -> None:
     """Same shape, same labels (``neg`` too: it commutes with scaling and maps a shift to a shift)."""
     x = args[0]
     if not prop.reached(x):
+        if node.op in ("type_as", "to"):    # ``y.type_as(x)``: x gives only the dtype (Gemma's RMSNorm)
+            return
         raise Dead(f"{describe_op(node)}: perturbed tensor in an unsupported argument")
     prop.only_first_reached(node, x)
     out = node.outputs[0]

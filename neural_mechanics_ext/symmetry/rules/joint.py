@@ -36,19 +36,20 @@ from ..capture import Graph, Value
 from .elementwise import IDENTITY, _param_and_activation
 from .engine import propagate
 from .linear import LAYERS, contraction
-from .movement import MOVE
+from .movement import JOINS, MOVE
 from .normalisers import NORMALISERS
-from .state import DROPOUT, F64, SCALE, Dead, Propagation, Source, bind, layer_name, op_layer, param
+from .state import DROPOUT, F64, SCALE, Dead, Propagation, Source, bind, describe_op, layer_name, op_layer, param
 
 SEED_OPS = {"linear", "addmm", "matmul", "einsum", "embedding", "layer_norm", "rms_norm"}
-WALK = IDENTITY | DROPOUT | MOVE | {"add", "sub"}
+SUMS = {"add", "sub"}
+WALK = IDENTITY | DROPOUT | MOVE | SUMS | {"mul", "div"}
 MAX_ROUNDS = 512        # one writer (or a set of them) joins per round: bounded by the writers of a model
 
 
 @dataclass(frozen=True)
 class Writer:
-    """Parameters whose common scaling scales ``value`` (a parameter writes itself); ``node`` is the call,
-    None for a parameter."""
+    """Parameters whose common scaling scales ``value`` (a parameter writes itself); ``node_index``: the
+    call that writes it, -1 for a parameter."""
 
     value: Value
     params: Tuple[str, ...]
@@ -89,12 +90,21 @@ def writers_of(v: Value, depth: int = 0) -> Optional[List[Writer]]:
         return [Writer(node.outputs[0], params, node.index)]
     if node.op not in WALK:
         return None
-    inputs = [x for x in dict.fromkeys(node.inputs) if x.is_float and not (node.op in ("add", "sub")
-                                                                            and x.kind == "param")]
-    if not inputs or (node.op not in ("add", "sub") and node.op not in MOVE and len(inputs) != 1):
+    floats = [x for x in dict.fromkeys(node.inputs) if x.is_float]
+    if node.op in SUMS:         # a parameter added is joined by the propagation (a bias after a scaled term)
+        terms = [x for x in floats if x.kind != "param"]
+    elif node.op in JOINS:
+        terms = floats
+    elif node.op in ("mul", "div"):     # by a constant (a scaled embedding: x · √d), not by an activation
+        terms = [x for x in floats if x.kind not in ("const", "buffer")]
+        if len(terms) != 1 or (node.op == "div" and terms[0] is not floats[0]):
+            return None
+    else:                       # a copy, view, dropout of its first input
+        terms = floats[:1]
+    if not terms:
         return None
     out: List[Writer] = []
-    for x in inputs:      # a sum or concatenation scales when every term does
+    for x in terms:       # a sum or concatenation scales when every term does
         ws = writers_of(x, depth + 1)
         if ws is None:
             return None
@@ -102,8 +112,11 @@ def writers_of(v: Value, depth: int = 0) -> Optional[List[Writer]]:
     return out
 
 
-def joint_sources(graph: Graph, deaths: List[Tuple[Source, Dead]]) -> List[Source]:
-    """One joint source per closure that survives, from the scale sources that died at a join."""
+def joint_sources(graph: Graph, deaths: List[Tuple[Source, Dead]], refused: Optional[List[str]] = None
+                  ) -> List[Source]:
+    """One joint source per closure that survives, from the scale sources that died at a join.  A closure
+    whose writers all survive but whose tied parameter has a use nothing can compensate appends its reason
+    to ``refused``."""
     out: List[Source] = []
     taken = set()       # writer outputs already in a closure (found or failed): the same closure again
     for src, dead in deaths:
@@ -114,21 +127,24 @@ def joint_sources(graph: Graph, deaths: List[Tuple[Source, Dead]]) -> List[Sourc
         params = scaled_params(src.node)
         if not params:
             continue
-        joint, writers = _close(graph, src, Writer(src.node.outputs[0], params, src.node.index), dead)
+        joint, writers, reason = _close(graph, src, Writer(src.node.outputs[0], params, src.node.index), dead)
         taken.update(w.value.index for w in writers)
         if joint is not None:
             out.append(joint)
+        elif reason and refused is not None:
+            refused.append(reason)
     return out
 
 
 def _close(graph: Graph, seed: Source, first: Writer, dead: Dead):
-    """Grow the writers of ``first`` until the joint scaling survives; ``(source or None, writers)``."""
+    """Grow the writers of ``first`` until the joint scaling survives: ``(source or None, writers, reason)``,
+    the reason when the writers survive but a tied parameter's other use cannot be compensated."""
     writers: Dict[Writer, int] = {first: 0}      # writer -> parity (1: scaled by 1/α)
     for _ in range(MAX_ROUNDS):
         if dead is not None:
             more = _all_writers(dead.needs or (dead.prop.wants if dead.prop else []))
             if not more or all(w in writers for w in more):
-                return None, writers
+                return None, writers, None
             for w in more:
                 writers.setdefault(w, 0)
         src = _source(graph, seed, writers)
@@ -138,19 +154,19 @@ def _close(graph: Graph, seed: Source, first: Writer, dead: Dead):
             dead = exc
             continue
         dead = None
-        fix = _uncovered(graph, src, prop, writers)
-        if fix is None:
-            return None, writers
-        if not fix:
-            return src, writers
-        for v, parity in fix:
+        fix, why = _uncovered(graph, src, prop, writers)
+        if not fix and not why:
+            return src, writers, None
+        for v, parity, pn, node in fix:
             more = writers_of(v)
             if not more:
-                return None, writers
-            for w in more:
-                if writers.setdefault(w, parity) != parity:
-                    return None, writers
-    return None, writers
+                why = why or (f"{pn} is also used by {describe_op(node)}, whose input no writer can scale by "
+                              f"{'1/α' if parity else 'α'}")
+            elif any(writers.setdefault(w, parity) != parity for w in more):
+                why = why or f"{pn}'s use by {describe_op(node)} would need a writer scaled by α and by 1/α"
+        if why:
+            return None, writers, f"{src.layer} (joint): {why}"
+    return None, writers, None
 
 
 def _all_writers(values) -> Optional[List[Writer]]:
@@ -184,8 +200,9 @@ def _source(graph: Graph, seed: Source, writers: Dict[Writer, int]) -> Source:
 
 
 def _uncovered(graph: Graph, src: Source, prop: Propagation, writers: Dict[Writer, int]):
-    """``[(activation, parity)]`` that must be scaled for every use of the candidate's parameters to be
-    accounted for ([] when all are), or None when some use cannot be."""
+    """``([(activation, parity, parameter, call)], None)``: what must be scaled for every use of the
+    candidate's parameters to be accounted for (nothing when all are), or ``([], reason)`` when some use
+    cannot be."""
     covered = set(src.covers) | prop.covered
     parity = {pn: p for w, p in writers.items() for pn in w.params}
     fix = []
@@ -196,9 +213,9 @@ def _uncovered(graph: Graph, src: Source, prop: Propagation, writers: Dict[Write
                 continue
             x = _reads_with(node, pn)
             if x is None or pn not in parity:
-                return None
-            fix.append((x, 1 - parity[pn]))
-    return fix
+                return [], f"{pn} is also used by {describe_op(node)}, which cannot compensate its scaling"
+            fix.append((x, 1 - parity[pn], pn, node))
+    return fix, None
 
 
 def _reads_with(node, pn: str) -> Optional[Value]:
