@@ -36,7 +36,7 @@ class Candidate:
 
 def build_candidate(graph: Graph, src: Source, deaths: Optional[list] = None) -> Optional[Candidate]:
     """Propagate one source; return its candidate family, or None when there is no symmetry (then
-    ``(src, reason)`` is appended to ``deaths`` when given: a joint candidate may start there)."""
+    ``(src, dead)`` is appended to ``deaths`` when given: a joint candidate may start there)."""
     try:
         prop = propagate(graph, src)
     except Dead as dead:
