@@ -543,8 +543,10 @@ def test_mha_key_bias_is_a_translation_inside_the_call():
     mha = nn.MultiheadAttention(4, 2, batch_first=True)
     x = torch.randn(1, 3, 4)
     g = capture(mha, (x, x, x), {"need_weights": False}, lambda out: out[0].sum())
-    src, = [s for s in find_sources(g) if s.mode == SHIFT]
-    assert src.inside and src.what == "key bias"
+    src, = [s for s in find_sources(g) if s.mode == SHIFT and s.inside]
+    assert src.what == "key bias"
+    # the out-projection ends the call: its input columns and bias are shift sources of the output
+    assert sorted(s.what for s in find_sources(g) if s.mode == SHIFT and not s.inside) == ["bias", "columns"]
     assert src.members[0][0] == "in_proj_bias" and src.members[0][1].tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4
     assert build_candidate(g, src).family.members == [("in_proj_bias", (1, 4, 1, 4, 4), 1)]
 
