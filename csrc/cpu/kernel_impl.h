@@ -120,17 +120,13 @@ NMX_INLINE dvec load(const double* p) {
 NMX_INLINE void store(double* p, dvec v) { std::memcpy(p, &v, sizeof v); }
 
 // Software prefetch into L2 of the rows a loop reads next (`ahead` elements past the current ones;
-// 0: none).  Rows of a few KB are too short for the hardware prefetchers to get going: with the
-// row pairs of the next group requested while this one is summed, a 3072 x 768 weight with rows and
-// columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so running past the end of
-// a tensor, or into a scratch row, is harmless.
-template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void prefetch_rows(const TX* const* x, const TY* const* y, const TZ* const* z, int64_t at) {
-  for (int r = 0; r < NR; ++r) {
-    __builtin_prefetch(x[r] + at, 0, 2);
-    if (HY) __builtin_prefetch(y[r] + at, 0, 2);
-    if (HZ) __builtin_prefetch(z[r] + at, 0, 2);
-  }
+// 0: none; each row reader's prefetch()).  Rows of a few KB are too short for the hardware prefetchers
+// to get going: with the row pairs of the next group requested while this one is summed, a 3072 x 768
+// weight with rows and columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so
+// running past the end of a tensor, or into a scratch row, is harmless.
+template <typename T>
+NMX_INLINE void prefetch(const T* p, int64_t at) {
+  __builtin_prefetch(p + at, 0, 2);
 }
 
 // Lanes summed in a fixed order.  (Reading lanes through a copy keeps GCC from moving the
@@ -190,79 +186,189 @@ const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* sc
   }
 }
 
-// ---- the stream modes (stream_modes.h) ------------------------------------------------------------
-// Adam's and Lion's (p, u) of one row, in F.  Kept apart from the reductions: a plain loop over arrays,
-// which the compiler vectorises in F's full width (sqrt included, with -fno-math-errno).  STATE: m and v
-// exist (else a fresh optimizer: zeros); AMS: v_max too.
-template <bool STATE, bool AMS, typename F>
-NMX_INLINE void adam_row(const F* __restrict th, const F* __restrict g, const F* __restrict m, const F* __restrict v,
-                         const F* __restrict vmax, int64_t n, const StreamCoef<F>& coef, F* __restrict p,
-                         F* __restrict u) {
-  const StreamCoef<F> c = coef;  // a local copy: the loop keeps it in registers
-  for (int64_t i = 0; i < n; ++i)
-    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p[i], u[i]);
-}
+// ---- row readers: what the reductions read -------------------------------------------------------
+// A row reader hands the reductions the (x, y, z) of one row widened to double, kLanes columns at a time
+// (lanes) or one at a time (one, for the tails), and prefetches its inputs.  kHY / kHZ: whether y and z
+// exist; kScratch: the segments of doubles make() may convert inputs into (those not of its types).
 
-template <bool STATE, typename F>
-NMX_INLINE void lion_row(const F* __restrict g, const F* __restrict m, int64_t n, const StreamCoef<F>& coef,
-                         F* __restrict p, F* __restrict u) {
-  const StreamCoef<F> c = coef;
-  for (int64_t i = 0; i < n; ++i) lion_direction(g[i], STATE ? m[i] : F(0), c, p[i], u[i]);
-}
+// Plain: (x, y, z) as stored.
+template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
+struct PlainRow {
+  static constexpr bool kHY = HY, kHZ = HZ;
+  static constexpr int kScratch = 3;
+  const TX* x;
+  const TY* y;
+  const TZ* z;
 
-// The scratch a row needs, in segments of doubles: x, y, z converted (plain), or the five inputs of a
-// stream mode converted and its p and u.
-constexpr int kPlainScratch = 3, kStreamScratch = 7;
-
-// A stream mode's (x, y, z) = (θ, p, u) for n elements of one row, in F: each input read in place when
-// its dtype is F, else converted into `scratch`; p and u are written there.  (Instantiated for every
-// type combination of run_item; only the F, F, F ones are reached.)
-template <typename TX, typename TY, typename TZ>
-NMX_INLINE void form_streams(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* scratch,
-                             const TX*& x, const TY*& y, const TZ*& z) {
-  if constexpr (std::is_floating_point<TX>::value && std::is_same<TX, TY>::value && std::is_same<TX, TZ>::value) {
-    using F = TX;
-    F* const p = reinterpret_cast<F*>(scratch);
-    F* const u = reinterpret_cast<F*>(scratch + segment);
-    x = as_type<F>(tp.x, tp.dx, off, n, scratch + 2 * segment);
-    const F* g = as_type<F>(tp.y, tp.dy, off, n, scratch + 3 * segment);
-    const F* m = tp.z ? as_type<F>(tp.z, tp.dz, off, n, scratch + 4 * segment) : nullptr;
-    const StreamCoef<F> c = StreamCoef<F>::from(tp.coef);
-    if (tp.mode == kStreamLion) {
-      if (m) lion_row<true>(g, m, n, c, p, u);
-      else lion_row<false>(g, m, n, c, p, u);
-    } else if (!m) {
-      adam_row<false, false>(x, g, m, m, m, n, c, p, u);
-    } else {
-      const F* v = as_type<F>(tp.v, tp.dv, off, n, scratch + 5 * segment);
-      if (tp.vmax) {
-        const F* vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, scratch + 6 * segment);
-        adam_row<true, true>(x, g, m, v, vmax, n, c, p, u);
-      } else {
-        adam_row<true, false>(x, g, m, v, v, n, c, p, u);
-      }
-    }
-    y = p;
-    z = u;
+  static NMX_INLINE PlainRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
+    PlainRow r{};
+    r.x = as_type<TX>(tp.x, tp.dx, off, n, sc);
+    if (HY) r.y = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
+    if (HZ) r.z = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
+    return r;
   }
+  NMX_INLINE void lanes(int64_t i, dvec& a, dvec& b, dvec& c) const {
+    a = load(x + i);
+    b = HY ? load(y + i) : dvec{};
+    c = HZ ? load(z + i) : dvec{};
+  }
+  NMX_INLINE void one(int64_t i, double& a, double& b, double& c) const {
+    a = to_double(x[i]);
+    b = HY ? to_double(y[i]) : 0.0;
+    c = HZ ? to_double(z[i]) : 0.0;
+  }
+  NMX_INLINE void prefetch_at(int64_t at) const {
+    prefetch(x, at);
+    if (HY) prefetch(y, at);
+    if (HZ) prefetch(z, at);
+  }
+};
+
+// The stream modes (stream_modes.h) form (θ, p, u) in F as they load, kLanes elements of F at a time
+// (float: half a register of the AVX-512 kernel, as many per instruction as the double sums they feed),
+// so that the square root and the division of Adam overlap with the sums of the elements before them
+// instead of running as a pass of their own (and p, u never go through memory).
+template <typename F>
+struct LanesOf {
+  using type = dvec;
+};
+template <>
+struct LanesOf<float> {
+  using type = fvec;
+};
+NMX_INLINE fvec load_lanes(const float* p) {
+  fvec f;
+  std::memcpy(&f, p, sizeof f);
+  return f;
 }
+NMX_INLINE dvec load_lanes(const double* p) { return load(p); }
+NMX_INLINE dvec widen(dvec d) { return d; }
+NMX_INLINE dvec widen(fvec f) {
+#if NMX_ISA_LEVEL == 2
+  return (dvec)_mm512_cvtps_pd((__m256)f);
+#elif NMX_ISA_LEVEL == 1
+  return (dvec)_mm256_cvtps_pd((__m128)f);
+#else
+  return __builtin_convertvector(f, dvec);
+#endif
+}
+// Square roots of lanes (correctly rounded, as the scalar sqrt).
+NMX_INLINE fvec root_lanes(fvec v) {
+#if NMX_ISA_LEVEL == 2
+  return (fvec)_mm256_sqrt_ps((__m256)v);
+#elif NMX_ISA_LEVEL == 1
+  return (fvec)_mm_sqrt_ps((__m128)v);
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = ::sqrtf(v[i]);
+  return v;
+#endif
+}
+NMX_INLINE dvec root_lanes(dvec v) {
+#if NMX_ISA_LEVEL == 2
+  return (dvec)_mm512_sqrt_pd((__m512d)v);
+#elif NMX_ISA_LEVEL == 1
+  return (dvec)_mm256_sqrt_pd((__m256d)v);
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = ::sqrt(v[i]);
+  return v;
+#endif
+}
+
+// Adam: reads θ, g, and with STATE m, v (else a fresh optimizer: zeros), with AMS v_max too.
+template <bool STATE, bool AMS, typename F>
+struct AdamRow {
+  static constexpr bool kHY = true, kHZ = true;
+  static constexpr int kScratch = 5;
+  using L = typename LanesOf<F>::type;
+  const F *th, *g, *m, *v, *vmax;
+  StreamCoef<F> c;
+
+  static NMX_INLINE AdamRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
+    AdamRow r{};
+    r.th = as_type<F>(tp.x, tp.dx, off, n, sc);
+    r.g = as_type<F>(tp.y, tp.dy, off, n, sc + segment);
+    if (STATE) r.m = as_type<F>(tp.z, tp.dz, off, n, sc + 2 * segment);
+    if (STATE) r.v = as_type<F>(tp.v, tp.dv, off, n, sc + 3 * segment);
+    if (AMS) r.vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, sc + 4 * segment);
+    r.c = StreamCoef<F>::from(tp.coef);
+    return r;
+  }
+  NMX_INLINE void lanes(int64_t i, dvec& a, dvec& b, dvec& d) const {
+    const L t = load_lanes(th + i);
+    L p, vh;
+    adam_moments_of_step<AMS>(t, load_lanes(g + i), STATE ? load_lanes(m + i) : L{},
+                              STATE ? load_lanes(v + i) : L{}, AMS ? load_lanes(vmax + i) : L{}, c, p, vh);
+    a = widen(t), b = widen(p), d = widen(adam_direction_of(p, root_lanes(vh), c));
+  }
+  NMX_INLINE void one(int64_t i, double& a, double& b, double& d) const {
+    F p, u;
+    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p, u);
+    a = th[i], b = p, d = u;
+  }
+  NMX_INLINE void prefetch_at(int64_t at) const {
+    prefetch(th, at);
+    prefetch(g, at);
+    if (STATE) prefetch(m, at), prefetch(v, at);
+    if (AMS) prefetch(vmax, at);
+  }
+};
+
+// Lion: reads θ, g, and with STATE m.
+template <bool STATE, typename F>
+struct LionRow {
+  static constexpr bool kHY = true, kHZ = true;
+  static constexpr int kScratch = 3;
+  using L = typename LanesOf<F>::type;
+  const F *th, *g, *m;
+  StreamCoef<F> c;
+
+  static NMX_INLINE LionRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
+    LionRow r{};
+    r.th = as_type<F>(tp.x, tp.dx, off, n, sc);
+    r.g = as_type<F>(tp.y, tp.dy, off, n, sc + segment);
+    if (STATE) r.m = as_type<F>(tp.z, tp.dz, off, n, sc + 2 * segment);
+    r.c = StreamCoef<F>::from(tp.coef);
+    return r;
+  }
+  NMX_INLINE void lanes(int64_t i, dvec& a, dvec& b, dvec& d) const {
+    L p, u;
+    lion_direction(load_lanes(g + i), STATE ? load_lanes(m + i) : L{}, c, p, u);
+    a = widen(load_lanes(th + i)), b = widen(p), d = widen(u);
+  }
+  NMX_INLINE void one(int64_t i, double& a, double& b, double& d) const {
+    F p, u;
+    lion_direction(g[i], STATE ? m[i] : F(0), c, p, u);
+    a = th[i], b = p, d = u;
+  }
+  NMX_INLINE void prefetch_at(int64_t at) const {
+    prefetch(th, at);
+    prefetch(g, at);
+    if (STATE) prefetch(m, at);
+  }
+};
 
 // ---- the two reductions ----------------------------------------------------------------------------
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
 // its AVX-512 register saves) cost three times the work on narrow tensors.
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_row_total(const TX* x, const TY* y, const TZ* z, int64_t n, Moments<double>& out, int64_t ahead) {
+template <typename Row>
+NMX_INLINE void add_row_total(const Row& row, int64_t n, Moments<double>& out, int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   Moments<dvec> a;
   zero(a);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    if (ahead) prefetch_rows<1, HY, HZ>(&x, &y, &z, i + ahead);
-    accumulate<HY, HZ>(a, load(x + i), HY ? load(y + i) : dvec{}, HZ ? load(z + i) : dvec{});
+    if (ahead) row.prefetch_at(i + ahead);
+    dvec xv, yv, zv;
+    row.lanes(i, xv, yv, zv);
+    accumulate<HY, HZ>(a, xv, yv, zv);
   }
   Moments<double> t;
   for (int m = 0; m < kMoments; ++m) t.m[m] = hsum(a.m[m]);
-  for (; i < n; ++i)
-    accumulate<HY, HZ>(t, to_double(x[i]), HY ? to_double(y[i]) : 0.0, HZ ? to_double(z[i]) : 0.0);
+  for (; i < n; ++i) {
+    double xv, yv, zv;
+    row.one(i, xv, yv, zv);
+    accumulate<HY, HZ>(t, xv, yv, zv);
+  }
   add_to(out, t);
 }
 
@@ -274,25 +380,32 @@ NMX_INLINE int64_t colsum_index(int64_t c, int m) {
 }
 
 // Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
-template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
-                                int64_t ahead) {
+template <int NR, typename Row>
+NMX_INLINE void add_column_sums(double* acc, const Row* rows, int64_t n, int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    if (ahead) prefetch_rows<NR, HY, HZ>(x, y, z, c + ahead);
+    if (ahead)
+      for (int r = 0; r < NR; ++r) rows[r].prefetch_at(c + ahead);
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
-    for (int r = 0; r < NR; ++r)
-      accumulate<HY, HZ>(a, load(x[r] + c), HY ? load(y[r] + c) : dvec{}, HZ ? load(z[r] + c) : dvec{});
+    for (int r = 0; r < NR; ++r) {
+      dvec xv, yv, zv;
+      rows[r].lanes(c, xv, yv, zv);
+      accumulate<HY, HZ>(a, xv, yv, zv);
+    }
     for (int m = 0; m < kMoments; ++m)
       if (moment_used<HY, HZ>(m)) store(block + m * kLanes, a.m[m]);
   }
   for (; c < n; ++c) {
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
-    for (int r = 0; r < NR; ++r)
-      accumulate<HY, HZ>(a, to_double(x[r][c]), HY ? to_double(y[r][c]) : 0.0, HZ ? to_double(z[r][c]) : 0.0);
+    for (int r = 0; r < NR; ++r) {
+      double xv, yv, zv;
+      rows[r].one(c, xv, yv, zv);
+      accumulate<HY, HZ>(a, xv, yv, zv);
+    }
     for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
   }
 }
@@ -301,9 +414,10 @@ NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const
 // the two rows' totals (in registers) take their terms from the same loads and conversions.  The
 // additions happen in the same order as add_column_sums + add_row_total would do them, so the
 // result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
-                              Moments<double>& out0, Moments<double>& out1, int64_t ahead) {
+template <typename Row>
+NMX_INLINE void add_columns_and_two_rows(double* acc, const Row* rows, int64_t n, Moments<double>& out0,
+                                         Moments<double>& out1, int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   Moments<dvec> r0, r1;
   zero(r0);
   zero(r1);
@@ -312,11 +426,13 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
-    if (ahead) prefetch_rows<2, HY, HZ>(x, y, z, c + ahead);
-    const dvec x0 = load(x[0] + c), y0 = HY ? load(y[0] + c) : dvec{}, z0 = HZ ? load(z[0] + c) : dvec{};
+    if (ahead) rows[0].prefetch_at(c + ahead), rows[1].prefetch_at(c + ahead);
+    dvec x0, y0, z0;
+    rows[0].lanes(c, x0, y0, z0);
     accumulate<HY, HZ>(a, x0, y0, z0);
     accumulate<HY, HZ>(r0, x0, y0, z0);
-    const dvec x1 = load(x[1] + c), y1 = HY ? load(y[1] + c) : dvec{}, z1 = HZ ? load(z[1] + c) : dvec{};
+    dvec x1, y1, z1;
+    rows[1].lanes(c, x1, y1, z1);
     accumulate<HY, HZ>(a, x1, y1, z1);
     accumulate<HY, HZ>(r1, x1, y1, z1);
     for (int m = 0; m < kMoments; ++m)
@@ -328,7 +444,8 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
     for (int q = 0; q < 2; ++q) {
-      const double xv = to_double(x[q][c]), yv = HY ? to_double(y[q][c]) : 0.0, zv = HZ ? to_double(z[q][c]) : 0.0;
+      double xv, yv, zv;
+      rows[q].one(c, xv, yv, zv);
       accumulate<HY, HZ>(a, xv, yv, zv);
       accumulate<HY, HZ>(q == 0 ? t0 : t1, xv, yv, zv);
     }
@@ -338,7 +455,8 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
   add_to(out1, t1);
 }
 
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
+// Item `it` read through row readers of type Row (PlainRow, AdamRow, LionRow).
+template <typename Row>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   static thread_local std::vector<double> colsum;
   static thread_local std::vector<Moments<double>> rowtot;
@@ -356,8 +474,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     zero(z0);
     rowtot.assign(rows, z0);
   }
-  const int scratch_rows = tp.mode == kStreamPlain ? kPlainScratch : kStreamScratch;
-  scratch.resize(scratch_rows * kRowGroup * segment);
+  scratch.resize(Row::kScratch * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
   double* const cs = colsum.data() + ((64 - reinterpret_cast<uintptr_t>(colsum.data()) % 64) % 64) / sizeof(double);
@@ -371,30 +488,19 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
       const int64_t n = std::min(segment, it.c1 - s0);
-      const TX* xp[kRowGroup];
-      const TY* yp[kRowGroup] = {};
-      const TZ* zp[kRowGroup] = {};
-      for (int q = 0; q < nr; ++q) {
-        const int64_t off = (r + q) * L + s0;
-        double* sc = sc0 + scratch_rows * q * segment;
-        if (tp.mode != kStreamPlain) {
-          form_streams(tp, off, n, segment, sc, xp[q], yp[q], zp[q]);
-          continue;
-        }
-        xp[q] = as_type<TX>(tp.x, tp.dx, off, n, sc);
-        if (HY) yp[q] = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
-        if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
-      }
+      Row rows[kRowGroup];
+      for (int q = 0; q < nr; ++q)
+        rows[q] = Row::make(tp, (r + q) * L + s0, n, segment, sc0 + Row::kScratch * q * segment);
       if (kFused && has_col && has_run) {
         // One pass for both kinds (single segment, column sums from c0), rows in pairs; the next pair
         // is prefetched.
         const int64_t ahead_pair = n <= kPrefetchMaxRow ? 2 * L : 0;
         int q = 0;
         for (; q + 2 <= nr; q += 2)
-          add_columns_and_two_rows<HY, HZ>(cs, xp + q, yp + q, zp + q, n, rt[r + q], rt[r + q + 1], ahead_pair);
+          add_columns_and_two_rows(cs, rows + q, n, rt[r + q], rt[r + q + 1], ahead_pair);
         for (; q < nr; ++q) {
-          add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
-          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], 0);
+          add_column_sums<1>(cs, rows + q, n, 0);
+          add_row_total(rows[q], n, rt[r + q], 0);
         }
         continue;
       }
@@ -403,13 +509,13 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       if (has_col) {
         // Items with COL views have a single segment, so the column sums start at column c0.
         if (nr == kRowGroup) {
-          add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n, ahead);
+          add_column_sums<kRowGroup>(cs, rows, n, ahead);
         } else {
-          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
+          for (int q = 0; q < nr; ++q) add_column_sums<1>(cs, rows + q, n, 0);
         }
       }
       if (has_run)
-        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], has_col ? 0 : ahead);
+        for (int q = 0; q < nr; ++q) add_row_total(rows[q], n, rt[r + q], has_col ? 0 : ahead);
     }
   }
 
@@ -451,18 +557,33 @@ template <typename TX, typename TY, typename TZ>
 void run_typed(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   const bool hy = tp.y != nullptr, hz = tp.z != nullptr;
   if (hy && hz) {
-    run_item<true, true, TX, TY, TZ>(plan, it, tp, slots);
+    run_item<PlainRow<true, true, TX, TY, TZ>>(plan, it, tp, slots);
   } else if (hy) {
-    run_item<true, false, TX, TY, TZ>(plan, it, tp, slots);
+    run_item<PlainRow<true, false, TX, TY, TZ>>(plan, it, tp, slots);
   } else if constexpr (std::is_same<TX, TY>::value) {  // a mixed-type call always has y
-    if (hz) run_item<false, true, TX, TY, TZ>(plan, it, tp, slots);
-    else run_item<false, false, TX, TY, TZ>(plan, it, tp, slots);
+    if (hz) run_item<PlainRow<false, true, TX, TY, TZ>>(plan, it, tp, slots);
+    else run_item<PlainRow<false, false, TX, TY, TZ>>(plan, it, tp, slots);
   }
 }
 
 template <typename T>
 void run_one_type(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   run_typed<T, T, T>(plan, it, tp, slots);
+}
+
+// A stream mode in F: which state exists picks the reader (m = z; v_max only with amsgrad and state).
+template <typename F>
+void run_stream(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
+  if (tp.mode == kStreamLion) {
+    if (tp.z) run_item<LionRow<true, F>>(plan, it, tp, slots);
+    else run_item<LionRow<false, F>>(plan, it, tp, slots);
+  } else if (!tp.z) {
+    run_item<AdamRow<false, false, F>>(plan, it, tp, slots);
+  } else if (tp.vmax) {
+    run_item<AdamRow<true, true, F>>(plan, it, tp, slots);
+  } else {
+    run_item<AdamRow<true, false, F>>(plan, it, tp, slots);
+  }
 }
 
 }  // namespace
@@ -472,8 +593,8 @@ void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, dou
   const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
   if (tp.mode != kStreamPlain) {
     // A stream mode forms (θ, p, u), all three present, in double or float.
-    if (stream_in_double(tp)) return run_item<true, true, double, double, double>(plan, it, tp, slots);
-    return run_item<true, true, float, float, float>(plan, it, tp, slots);
+    if (stream_in_double(tp)) return run_stream<double>(plan, it, tp, slots);
+    return run_stream<float>(plan, it, tp, slots);
   }
   // An absent y or z takes x's dtype, so that it does not break the "one dtype" case.
   const int dx = tp.dx, dy = tp.y ? tp.dy : dx, dz = tp.z ? tp.dz : dx;
