@@ -1,7 +1,7 @@
 // The fused stream modes of the moments kernels (THEORY_ADAPTIVE.md §1): the per-element update
 // direction of Adam/AdamW and Lion, formed from the tensors the optimizer step reads as they are loaded
-// (in registers on the GPU; on the CPU a row at a time into a cache-resident buffer, so that the loop runs
-// in F's full vector width), written once for every backend (CPU, CUDA, the CUDA kernels' host emulation).
+// (in registers, on the GPU a value at a time, on the CPU a vector of them inside the reduction loops),
+// written once for every backend (CPU, CUDA, the CUDA kernels' host emulation).
 //
 //   kStreamPlain  (x, y, z) as given (slice_moments)
 //   kStreamAdam   reads θ, g, m = exp_avg, v = exp_avg_sq (and v_max = max_exp_avg_sq with amsgrad):

@@ -7,7 +7,9 @@
 // a time, nine vector registers per row).  RUN-only items are read one whole row at a time, three
 // sequential streams.  The kernels are templates over the storage type of x, y and z and widen to
 // double in registers, so the common dtype mixes (all one dtype; fp32 x and z with a bf16 or fp16
-// gradient) are read in place; rarer mixes are first converted into a per-thread scratch row.
+// gradient) are read in place; rarer mixes are first converted into a per-thread scratch row.  The
+// loops read through row readers: PlainRow for (x, y, z) as stored, AdamRow and LionRow for the stream
+// modes, which form (θ, p, u) from the optimizer's tensors as they load them.
 
 namespace nmx {
 namespace cpu {
@@ -120,7 +122,7 @@ NMX_INLINE dvec load(const double* p) {
 NMX_INLINE void store(double* p, dvec v) { std::memcpy(p, &v, sizeof v); }
 
 // Software prefetch into L2 of the rows a loop reads next (`ahead` elements past the current ones;
-// 0: none; each row reader's prefetch()).  Rows of a few KB are too short for the hardware prefetchers
+// 0: none; each row reader's prefetch_at()).  Rows of a few KB are too short for the hardware prefetchers
 // to get going: with the row pairs of the next group requested while this one is summed, a 3072 x 768
 // weight with rows and columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so
 // running past the end of a tensor, or into a scratch row, is harmless.
@@ -186,203 +188,7 @@ const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* sc
   }
 }
 
-// ---- row readers: what the reductions read -------------------------------------------------------
-// A row reader hands the reductions the (x, y, z) of one row widened to double, kLanes columns at a time
-// (lanes) or one at a time (one, for the tails), and prefetches its inputs.  kHY / kHZ: whether y and z
-// exist; kScratch: the segments of doubles make() may convert inputs into (those not of its types);
-// Shared: what all rows of a tensor share (the step's constants), passed once to the reductions, so that
-// a loop over several rows holds one copy of them.
-
-// Plain: (x, y, z) as stored.
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-struct PlainRow {
-  static constexpr bool kHY = HY, kHZ = HZ;
-  static constexpr int kScratch = 3;
-  static constexpr bool kPairInZmm = false;
-  struct Shared {};
-  const TX* x;
-  const TY* y;
-  const TZ* z;
-
-  static NMX_INLINE PlainRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
-    PlainRow r{};
-    r.x = as_type<TX>(tp.x, tp.dx, off, n, sc);
-    if (HY) r.y = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
-    if (HZ) r.z = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
-    return r;
-  }
-  static NMX_INLINE Shared shared(const TensorPtrs&) { return {}; }
-  NMX_INLINE void lanes(const Shared&, int64_t i, dvec& a, dvec& b, dvec& c) const {
-    a = load(x + i);
-    b = HY ? load(y + i) : dvec{};
-    c = HZ ? load(z + i) : dvec{};
-  }
-  NMX_INLINE void one(const Shared&, int64_t i, double& a, double& b, double& c) const {
-    a = to_double(x[i]);
-    b = HY ? to_double(y[i]) : 0.0;
-    c = HZ ? to_double(z[i]) : 0.0;
-  }
-  NMX_INLINE void prefetch_at(int64_t at) const {
-    prefetch(x, at);
-    if (HY) prefetch(y, at);
-    if (HZ) prefetch(z, at);
-  }
-};
-
-// The stream modes (stream_modes.h) form (θ, p, u) in F as they load, kLanes elements of F at a time
-// (float: half a register of the AVX-512 kernel, as many per instruction as the double sums they feed),
-// so that the square root and the division of Adam overlap with the sums of the elements before them
-// instead of running as a pass of their own (and p, u never go through memory).
-template <typename F>
-struct LanesOf {
-  using type = dvec;
-};
-template <>
-struct LanesOf<float> {
-  using type = fvec;
-};
-NMX_INLINE fvec load_lanes(const float* p) {
-  fvec f;
-  std::memcpy(&f, p, sizeof f);
-  return f;
-}
-NMX_INLINE dvec load_lanes(const double* p) { return load(p); }
-NMX_INLINE dvec widen(dvec d) { return d; }
-NMX_INLINE dvec widen(fvec f) {
-#if NMX_ISA_LEVEL == 2
-  return (dvec)_mm512_cvtps_pd((__m256)f);
-#elif NMX_ISA_LEVEL == 1
-  return (dvec)_mm256_cvtps_pd((__m128)f);
-#else
-  return __builtin_convertvector(f, dvec);
-#endif
-}
-// Square roots of lanes (correctly rounded, as the scalar sqrt).
-NMX_INLINE fvec root_lanes(fvec v) {
-#if NMX_ISA_LEVEL == 2
-  return (fvec)_mm256_sqrt_ps((__m256)v);
-#elif NMX_ISA_LEVEL == 1
-  return (fvec)_mm_sqrt_ps((__m128)v);
-#else
-  for (int i = 0; i < kLanes; ++i) v[i] = ::sqrtf(v[i]);
-  return v;
-#endif
-}
-NMX_INLINE dvec root_lanes(dvec v) {
-#if NMX_ISA_LEVEL == 2
-  return (dvec)_mm512_sqrt_pd((__m512d)v);
-#elif NMX_ISA_LEVEL == 1
-  return (dvec)_mm256_sqrt_pd((__m256d)v);
-#else
-  for (int i = 0; i < kLanes; ++i) v[i] = ::sqrt(v[i]);
-  return v;
-#endif
-}
-
-// Adam: reads θ, g, and with STATE m, v (else a fresh optimizer: zeros), with AMS v_max too.
-template <bool STATE, bool AMS, typename F>
-struct AdamRow {
-  static constexpr bool kHY = true, kHZ = true;
-  static constexpr int kScratch = 5;
-  static constexpr bool kPairInZmm = std::is_same<F, float>::value, kState = STATE, kAms = AMS;
-  using L = typename LanesOf<F>::type;
-  using Shared = StreamCoef<F>;
-  const F *th, *g, *m, *v, *vmax;
-
-  static NMX_INLINE AdamRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
-    AdamRow r{};
-    r.th = as_type<F>(tp.x, tp.dx, off, n, sc);
-    r.g = as_type<F>(tp.y, tp.dy, off, n, sc + segment);
-    if (STATE) r.m = as_type<F>(tp.z, tp.dz, off, n, sc + 2 * segment);
-    if (STATE) r.v = as_type<F>(tp.v, tp.dv, off, n, sc + 3 * segment);
-    if (AMS) r.vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, sc + 4 * segment);
-    return r;
-  }
-  static NMX_INLINE Shared shared(const TensorPtrs& tp) { return Shared::from(tp.coef); }
-  NMX_INLINE void lanes(const Shared& c, int64_t i, dvec& a, dvec& b, dvec& d) const {
-    const L t = load_lanes(th + i);
-    L p, vh;
-    adam_moments_of_step<AMS>(t, load_lanes(g + i), STATE ? load_lanes(m + i) : L{},
-                              STATE ? load_lanes(v + i) : L{}, AMS ? load_lanes(vmax + i) : L{}, c, p, vh);
-    a = widen(t), b = widen(p), d = widen(adam_direction_of(p, root_lanes(vh), c));
-  }
-  NMX_INLINE void one(const Shared& c, int64_t i, double& a, double& b, double& d) const {
-    F p, u;
-    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p, u);
-    a = th[i], b = p, d = u;
-  }
-  NMX_INLINE void prefetch_at(int64_t at) const {
-    prefetch(th, at);
-    prefetch(g, at);
-    if (STATE) prefetch(m, at), prefetch(v, at);
-    if (AMS) prefetch(vmax, at);
-  }
-};
-
-// Two rows' lanes at once (the fused loop's row pair).  With AVX-512, Adam in float forms both in one
-// 16-float register: a 512-bit square root and division cost less per element than two 256-bit ones
-// (Zen 4: 0.30 against 0.39 ns per element for the transform alone).  The same arithmetic element by
-// element, so the same bits.
-template <typename Row>
-NMX_INLINE void lanes_pair(const typename Row::Shared& sh, const Row* rows, int64_t i, dvec& x0, dvec& y0, dvec& z0,
-                           dvec& x1, dvec& y1, dvec& z1) {
-#if NMX_ISA_LEVEL == 2
-  if constexpr (Row::kPairInZmm) {
-    typedef float f16vec __attribute__((vector_size(64), aligned(4)));
-    const auto both = [&](const float* a, const float* b) {
-      return (f16vec)_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a + i)), _mm256_loadu_ps(b + i), 1);
-    };
-    constexpr bool STATE = Row::kState, AMS = Row::kAms;
-    const f16vec t = both(rows[0].th, rows[1].th);
-    f16vec p, vh;
-    adam_moments_of_step<AMS>(t, both(rows[0].g, rows[1].g), STATE ? both(rows[0].m, rows[1].m) : f16vec{},
-                              STATE ? both(rows[0].v, rows[1].v) : f16vec{},
-                              AMS ? both(rows[0].vmax, rows[1].vmax) : f16vec{}, sh, p, vh);
-    const f16vec u = adam_direction_of(p, (f16vec)_mm512_sqrt_ps((__m512)vh), sh);
-    const auto lo = [](f16vec f) { return (dvec)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)f)); };
-    const auto hi = [](f16vec f) { return (dvec)_mm512_cvtps_pd(_mm512_extractf32x8_ps((__m512)f, 1)); };
-    x0 = lo(t), y0 = lo(p), z0 = lo(u), x1 = hi(t), y1 = hi(p), z1 = hi(u);
-    return;
-  }
-#endif
-  rows[0].lanes(sh, i, x0, y0, z0);
-  rows[1].lanes(sh, i, x1, y1, z1);
-}
-
-// Lion: reads θ, g, and with STATE m.
-template <bool STATE, typename F>
-struct LionRow {
-  static constexpr bool kHY = true, kHZ = true;
-  static constexpr int kScratch = 3;
-  static constexpr bool kPairInZmm = false;
-  using L = typename LanesOf<F>::type;
-  using Shared = StreamCoef<F>;
-  const F *th, *g, *m;
-
-  static NMX_INLINE LionRow make(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* sc) {
-    LionRow r{};
-    r.th = as_type<F>(tp.x, tp.dx, off, n, sc);
-    r.g = as_type<F>(tp.y, tp.dy, off, n, sc + segment);
-    if (STATE) r.m = as_type<F>(tp.z, tp.dz, off, n, sc + 2 * segment);
-    return r;
-  }
-  static NMX_INLINE Shared shared(const TensorPtrs& tp) { return Shared::from(tp.coef); }
-  NMX_INLINE void lanes(const Shared& c, int64_t i, dvec& a, dvec& b, dvec& d) const {
-    L p, u;
-    lion_direction(load_lanes(g + i), STATE ? load_lanes(m + i) : L{}, c, p, u);
-    a = widen(load_lanes(th + i)), b = widen(p), d = widen(u);
-  }
-  NMX_INLINE void one(const Shared& c, int64_t i, double& a, double& b, double& d) const {
-    F p, u;
-    lion_direction(g[i], STATE ? m[i] : F(0), c, p, u);
-    a = th[i], b = p, d = u;
-  }
-  NMX_INLINE void prefetch_at(int64_t at) const {
-    prefetch(th, at);
-    prefetch(g, at);
-    if (STATE) prefetch(m, at);
-  }
-};
+#include "kernel_rows.h"  // PlainRow, AdamRow, LionRow (in this namespace)
 
 // ---- the two reductions ----------------------------------------------------------------------------
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
@@ -492,6 +298,40 @@ NMX_INLINE void add_columns_and_two_rows(const typename Row::Shared& sh, double*
   add_to(out1, t1);
 }
 
+// Column sums and row totals of one group of rows as separate passes (the kernels without the fused
+// row-pair loop).  Items with COL views have a single segment, so the column sums start at column c0.
+template <typename Row>
+NMX_INLINE void reduce_group(const typename Row::Shared& sh, double* cs, const Row* rows, int nr, int64_t n,
+                             int64_t ahead, bool has_col, bool has_run, Moments<double>* rt) {
+  if (has_col) {
+    if (nr == kRowGroup) {
+      add_column_sums<kRowGroup>(sh, cs, rows, n, ahead);
+    } else {
+      for (int q = 0; q < nr; ++q) add_column_sums<1>(sh, cs, rows + q, n, 0);
+    }
+  }
+  if (has_run)
+    for (int q = 0; q < nr; ++q) add_row_total(sh, rows[q], n, rt[q], has_col ? 0 : ahead);
+}
+
+// A stream mode's row written out as doubles (x at `out`, y and z a segment further each), for the
+// separate passes, which would otherwise form it twice; its inputs `ahead` further on are prefetched.
+using FormedRow = PlainRow<true, true, double, double, double>;
+template <typename Row>
+NMX_INLINE FormedRow form_row(const typename Row::Shared& sh, const Row& row, int64_t n, int64_t ahead, double* out,
+                              int64_t segment) {
+  double *x = out, *y = out + segment, *z = out + 2 * segment;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    if (ahead) row.prefetch_at(i + ahead);
+    dvec a, b, c;
+    row.lanes(sh, i, a, b, c);
+    store(x + i, a), store(y + i, b), store(z + i, c);
+  }
+  for (; i < n; ++i) row.one(sh, i, x[i], y[i], z[i]);
+  return FormedRow{x, y, z};
+}
+
 // Item `it` read through row readers of type Row (PlainRow, AdamRow, LionRow).
 template <typename Row>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
@@ -511,7 +351,8 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     zero(z0);
     rowtot.assign(rows, z0);
   }
-  scratch.resize(Row::kScratch * kRowGroup * segment);
+  const int formed = Row::kForms ? 3 : 0;  // form_row's segments per row
+  scratch.resize((Row::kScratch + formed) * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
   double* const cs = colsum.data() + ((64 - reinterpret_cast<uintptr_t>(colsum.data()) % 64) % 64) / sizeof(double);
@@ -544,16 +385,16 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       }
       // Groups of rows prefetch the next group; long rows read alone are left to the hardware.
       const int64_t ahead = group > 1 && n <= kPrefetchMaxRow ? group * L : 0;
-      if (has_col) {
-        // Items with COL views have a single segment, so the column sums start at column c0.
-        if (nr == kRowGroup) {
-          add_column_sums<kRowGroup>(sh, cs, rows, n, ahead);
-        } else {
-          for (int q = 0; q < nr; ++q) add_column_sums<1>(sh, cs, rows + q, n, 0);
+      if constexpr (Row::kForms) {
+        if (has_col && has_run) {  // both passes read every row: form it once
+          FormedRow fr[kRowGroup];
+          double* const out = sc0 + Row::kScratch * kRowGroup * segment;
+          for (int q = 0; q < nr; ++q) fr[q] = form_row(sh, rows[q], n, ahead, out + formed * q * segment, segment);
+          reduce_group(FormedRow::Shared{}, cs, fr, nr, n, 0, has_col, has_run, rt + r);
+          continue;
         }
       }
-      if (has_run)
-        for (int q = 0; q < nr; ++q) add_row_total(sh, rows[q], n, rt[r + q], has_col ? 0 : ahead);
+      reduce_group(sh, cs, rows, nr, n, ahead, has_col, has_run, rt + r);
     }
   }
 
