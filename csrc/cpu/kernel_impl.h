@@ -314,22 +314,20 @@ NMX_INLINE void reduce_group(const typename Row::Shared& sh, double* cs, const R
     for (int q = 0; q < nr; ++q) add_row_total(sh, rows[q], n, rt[q], has_col ? 0 : ahead);
 }
 
-// A stream mode's row written out as doubles (x at `out`, y and z a segment further each), for the
-// separate passes, which would otherwise form it twice; its inputs `ahead` further on are prefetched.
-using FormedRow = PlainRow<true, true, double, double, double>;
+// A stream mode's row with p and u written out in F (at `out` and a segment further; θ stays in place),
+// for the separate passes, which would otherwise form them twice.  Element by element: the compiler
+// vectorises the loop in the full width of F (twice the lanes of a double vector).  The inputs `ahead`
+// further on are requested first.
 template <typename Row>
-NMX_INLINE FormedRow form_row(const typename Row::Shared& sh, const Row& row, int64_t n, int64_t ahead, double* out,
-                              int64_t segment) {
-  double *x = out, *y = out + segment, *z = out + 2 * segment;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    if (ahead) row.prefetch_at(i + ahead);
-    dvec a, b, c;
-    row.lanes(sh, i, a, b, c);
-    store(x + i, a), store(y + i, b), store(z + i, c);
-  }
-  for (; i < n; ++i) row.one(sh, i, x[i], y[i], z[i]);
-  return FormedRow{x, y, z};
+NMX_INLINE typename Row::Formed form_row(const typename Row::Shared& sh, const Row& row, int64_t n, int64_t ahead,
+                                         double* out, int64_t segment) {
+  using F = typename Row::Formed::X;
+  F *__restrict p = reinterpret_cast<F*>(out), *__restrict u = reinterpret_cast<F*>(out + segment);
+  const typename Row::Shared c = sh;  // a local copy: the loop keeps it in registers
+  if (ahead)
+    for (int64_t i = 0; i < n; i += 64 / sizeof(F)) row.prefetch_at(i + ahead);
+  for (int64_t i = 0; i < n; ++i) row.direction(c, i, p[i], u[i]);
+  return typename Row::Formed{row.th, p, u};
 }
 
 // Item `it` read through row readers of type Row (PlainRow, AdamRow, LionRow).
@@ -351,7 +349,7 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     zero(z0);
     rowtot.assign(rows, z0);
   }
-  const int formed = Row::kForms ? 3 : 0;  // form_row's segments per row
+  const int formed = Row::kForms ? 2 : 0;  // form_row's segments per row
   scratch.resize((Row::kScratch + formed) * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
@@ -387,10 +385,11 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
       const int64_t ahead = group > 1 && n <= kPrefetchMaxRow ? group * L : 0;
       if constexpr (Row::kForms) {
         if (has_col && has_run) {  // both passes read every row: form it once
-          FormedRow fr[kRowGroup];
+          using Formed = typename Row::Formed;
+          Formed fr[kRowGroup];
           double* const out = sc0 + Row::kScratch * kRowGroup * segment;
           for (int q = 0; q < nr; ++q) fr[q] = form_row(sh, rows[q], n, ahead, out + formed * q * segment, segment);
-          reduce_group(FormedRow::Shared{}, cs, fr, nr, n, 0, has_col, has_run, rt + r);
+          reduce_group(typename Formed::Shared{}, cs, fr, nr, n, 0, has_col, has_run, rt + r);
           continue;
         }
       }

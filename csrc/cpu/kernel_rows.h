@@ -17,6 +17,7 @@ struct PlainRow {
   static constexpr int kScratch = 3;
   static constexpr bool kForms = false, kPairInZmm = false;
   struct Shared {};
+  using X = TX;
   const TX* x;
   const TY* y;
   const TZ* z;
@@ -102,6 +103,7 @@ struct AdamRow {
   static constexpr bool kHY = true, kHZ = true;
   static constexpr int kScratch = 5;
   static constexpr bool kForms = true, kPairInZmm = std::is_same<F, float>::value, kState = STATE, kAms = AMS;
+  using Formed = PlainRow<true, true, F, F, F>;  // form_row's (θ, p, u)
   using L = typename LanesOf<F>::type;
   using Shared = StreamCoef<F>;
   const F *th, *g, *m, *v, *vmax;
@@ -123,9 +125,13 @@ struct AdamRow {
                               STATE ? load_lanes(v + i) : L{}, AMS ? load_lanes(vmax + i) : L{}, c, p, vh);
     a = widen(t), b = widen(p), d = widen(adam_direction_of(p, root_lanes(vh), c));
   }
+  // (p, u) of column i in F.
+  NMX_INLINE void direction(const Shared& c, int64_t i, F& p, F& u) const {
+    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p, u);
+  }
   NMX_INLINE void one(const Shared& c, int64_t i, double& a, double& b, double& d) const {
     F p, u;
-    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p, u);
+    direction(c, i, p, u);
     a = th[i], b = p, d = u;
   }
   NMX_INLINE void prefetch_at(int64_t at) const {
@@ -172,6 +178,7 @@ struct LionRow {
   static constexpr bool kHY = true, kHZ = true;
   static constexpr int kScratch = 3;
   static constexpr bool kForms = true, kPairInZmm = false;
+  using Formed = PlainRow<true, true, F, F, F>;  // form_row's (θ, p, u)
   using L = typename LanesOf<F>::type;
   using Shared = StreamCoef<F>;
   const F *th, *g, *m;
@@ -189,9 +196,12 @@ struct LionRow {
     lion_direction(load_lanes(g + i), STATE ? load_lanes(m + i) : L{}, c, p, u);
     a = widen(load_lanes(th + i)), b = widen(p), d = widen(u);
   }
+  NMX_INLINE void direction(const Shared& c, int64_t i, F& p, F& u) const {
+    lion_direction(g[i], STATE ? m[i] : F(0), c, p, u);
+  }
   NMX_INLINE void one(const Shared& c, int64_t i, double& a, double& b, double& d) const {
     F p, u;
-    lion_direction(g[i], STATE ? m[i] : F(0), c, p, u);
+    direction(c, i, p, u);
     a = th[i], b = p, d = u;
   }
   NMX_INLINE void prefetch_at(int64_t at) const {
