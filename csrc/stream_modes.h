@@ -1,7 +1,7 @@
 // The fused stream modes of the moments kernels (THEORY_ADAPTIVE.md §1): the per-element update
 // direction of Adam/AdamW and Lion, formed from the tensors the optimizer step reads as they are loaded
-// (in registers on the GPU; on the CPU a row at a time into a cache-resident buffer, so that the loop runs
-// in F's full vector width), written once for every backend (CPU, CUDA, the CUDA kernels' host emulation).
+// (in registers, on the GPU a value at a time, on the CPU a vector of them inside the reduction loops),
+// written once for every backend (CPU, CUDA, the CUDA kernels' host emulation).
 //
 //   kStreamPlain  (x, y, z) as given (slice_moments)
 //   kStreamAdam   reads θ, g, m = exp_avg, v = exp_avg_sq (and v_max = max_exp_avg_sq with amsgrad):
@@ -70,28 +70,45 @@ struct StreamCoef {
 C10_HOST_DEVICE NMX_INLINE float root(float v) { return ::sqrtf(v); }
 C10_HOST_DEVICE NMX_INLINE double root(double v) { return ::sqrt(v); }
 
-// Adam's (p, u) = (m', u) for one element.  AMS: v_max is read (amsgrad with state).  m, v = 0 for a
-// fresh optimizer.  (Always inlined, branch-free apart from the step's flags, so that the CPU loops
-// over a row vectorise; the flags are the same for every element of a tensor.)
-template <bool AMS, typename F>
-C10_HOST_DEVICE NMX_INLINE void adam_direction(F theta, F g, F m, F v, F vmax, const StreamCoef<F>& c, F& p,
-                                               F& u) {
-  F gt = c.sign * g;  // exact: maximize flips the sign
+// Adam in two halves around the square root, for one element, or (CPU) for a vector V of elements of
+// type F, element by element (the CPU kernels take the square root of a vector with their instruction
+// set's own instruction).  AMS: v_max is read (amsgrad with state).  m, v = 0 for a fresh optimizer.
+// (Always inlined, branch-free apart from the step's flags, the same for every element of a tensor.)
+// First half: p = m' and v̂.
+template <bool AMS, typename F, typename V>
+C10_HOST_DEVICE NMX_INLINE void adam_moments_of_step(V theta, V g, V m, V v, V vmax, const StreamCoef<F>& c, V& p,
+                                                     V& vh) {
+  V gt = c.sign * g;  // exact: maximize flips the sign
   if (c.coupled) gt = gt + c.l2 * theta;
-  const F d = gt - m;
-  p = c.lerp_low ? m + c.w1 * d : gt - d * (F(1) - c.w1);  // torch.lerp(m, g̃, w1)
-  const F v1 = v * c.b2 + c.w2 * gt * gt;
-  // torch.maximum: NaN wins.
-  const F vh = AMS ? ((v1 > vmax || v1 != v1) ? v1 : vmax) : v1;
-  const F D = root(vh) * c.inv_sqrt_bc2 + c.eps;
-  u = p / D * c.inv_bc1;
+  const V d = gt - m;
+  if (c.lerp_low) p = m + c.w1 * d;  // torch.lerp(m, g̃, w1)
+  else p = gt - d * (F(1) - c.w1);
+  const V v1 = v * c.b2 + c.w2 * gt * gt;
+  // torch.maximum: NaN wins.  (| and ?: also work element-wise on GCC vectors.)
+  vh = AMS ? ((v1 > vmax) | (v1 != v1) ? v1 : vmax) : v1;
 }
 
-// Lion's (p, u) = (c, sign c) for one element; sign as torch's (NaN gives 0).
-template <typename F>
-C10_HOST_DEVICE NMX_INLINE void lion_direction(F g, F m, const StreamCoef<F>& c, F& p, F& u) {
+// Second half: u from p and sqrt(v̂).
+template <typename F, typename V>
+C10_HOST_DEVICE NMX_INLINE V adam_direction_of(V p, V root_vh, const StreamCoef<F>& c) {
+  const V D = root_vh * c.inv_sqrt_bc2 + c.eps;
+  return p / D * c.inv_bc1;
+}
+
+// Adam's (p, u) = (m', u) for one element.
+template <bool AMS, typename F>
+C10_HOST_DEVICE NMX_INLINE void adam_direction(F theta, F g, F m, F v, F vmax, const StreamCoef<F>& c, F& p, F& u) {
+  F vh;
+  adam_moments_of_step<AMS>(theta, g, m, v, vmax, c, p, vh);
+  u = adam_direction_of(p, root(vh), c);
+}
+
+// Lion's (p, u) = (c, sign c) for one element (or a vector V of them); sign as torch's (NaN gives 0).
+template <typename F, typename V>
+C10_HOST_DEVICE NMX_INLINE void lion_direction(V g, V m, const StreamCoef<F>& c, V& p, V& u) {
   p = m * c.b1 + c.w1 * g;
-  u = F(p > F(0)) - F(p < F(0));
+  const V zero = V{}, one = V{} + F(1);
+  u = (p > zero ? one : zero) - (p < zero ? one : zero);
 }
 
 }  // namespace nmx

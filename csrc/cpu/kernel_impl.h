@@ -7,7 +7,9 @@
 // a time, nine vector registers per row).  RUN-only items are read one whole row at a time, three
 // sequential streams.  The kernels are templates over the storage type of x, y and z and widen to
 // double in registers, so the common dtype mixes (all one dtype; fp32 x and z with a bf16 or fp16
-// gradient) are read in place; rarer mixes are first converted into a per-thread scratch row.
+// gradient) are read in place; rarer mixes are first converted into a per-thread scratch row.  The
+// loops read through row readers: PlainRow for (x, y, z) as stored, AdamRow and LionRow for the stream
+// modes, which form (θ, p, u) from the optimizer's tensors as they load them.
 
 namespace nmx {
 namespace cpu {
@@ -120,17 +122,13 @@ NMX_INLINE dvec load(const double* p) {
 NMX_INLINE void store(double* p, dvec v) { std::memcpy(p, &v, sizeof v); }
 
 // Software prefetch into L2 of the rows a loop reads next (`ahead` elements past the current ones;
-// 0: none).  Rows of a few KB are too short for the hardware prefetchers to get going: with the
-// row pairs of the next group requested while this one is summed, a 3072 x 768 weight with rows and
-// columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so running past the end of
-// a tensor, or into a scratch row, is harmless.
-template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void prefetch_rows(const TX* const* x, const TY* const* y, const TZ* const* z, int64_t at) {
-  for (int r = 0; r < NR; ++r) {
-    __builtin_prefetch(x[r] + at, 0, 2);
-    if (HY) __builtin_prefetch(y[r] + at, 0, 2);
-    if (HZ) __builtin_prefetch(z[r] + at, 0, 2);
-  }
+// 0: none; each row reader's prefetch_at()).  Rows of a few KB are too short for the hardware prefetchers
+// to get going: with the row pairs of the next group requested while this one is summed, a 3072 x 768
+// weight with rows and columns went from 0.72 to 0.45 ns per element.  A prefetch never faults, so
+// running past the end of a tensor, or into a scratch row, is harmless.
+template <typename T>
+NMX_INLINE void prefetch(const T* p, int64_t at) {
+  __builtin_prefetch(p + at, 0, 2);
 }
 
 // Lanes summed in a fixed order.  (Reading lanes through a copy keeps GCC from moving the
@@ -190,79 +188,31 @@ const T* as_type(const void* src, int dtype, int64_t offset, int64_t n, void* sc
   }
 }
 
-// ---- the stream modes (stream_modes.h) ------------------------------------------------------------
-// Adam's and Lion's (p, u) of one row, in F.  Kept apart from the reductions: a plain loop over arrays,
-// which the compiler vectorises in F's full width (sqrt included, with -fno-math-errno).  STATE: m and v
-// exist (else a fresh optimizer: zeros); AMS: v_max too.
-template <bool STATE, bool AMS, typename F>
-NMX_INLINE void adam_row(const F* __restrict th, const F* __restrict g, const F* __restrict m, const F* __restrict v,
-                         const F* __restrict vmax, int64_t n, const StreamCoef<F>& coef, F* __restrict p,
-                         F* __restrict u) {
-  const StreamCoef<F> c = coef;  // a local copy: the loop keeps it in registers
-  for (int64_t i = 0; i < n; ++i)
-    adam_direction<AMS>(th[i], g[i], STATE ? m[i] : F(0), STATE ? v[i] : F(0), AMS ? vmax[i] : F(0), c, p[i], u[i]);
-}
-
-template <bool STATE, typename F>
-NMX_INLINE void lion_row(const F* __restrict g, const F* __restrict m, int64_t n, const StreamCoef<F>& coef,
-                         F* __restrict p, F* __restrict u) {
-  const StreamCoef<F> c = coef;
-  for (int64_t i = 0; i < n; ++i) lion_direction(g[i], STATE ? m[i] : F(0), c, p[i], u[i]);
-}
-
-// The scratch a row needs, in segments of doubles: x, y, z converted (plain), or the five inputs of a
-// stream mode converted and its p and u.
-constexpr int kPlainScratch = 3, kStreamScratch = 7;
-
-// A stream mode's (x, y, z) = (θ, p, u) for n elements of one row, in F: each input read in place when
-// its dtype is F, else converted into `scratch`; p and u are written there.  (Instantiated for every
-// type combination of run_item; only the F, F, F ones are reached.)
-template <typename TX, typename TY, typename TZ>
-NMX_INLINE void form_streams(const TensorPtrs& tp, int64_t off, int64_t n, int64_t segment, double* scratch,
-                             const TX*& x, const TY*& y, const TZ*& z) {
-  if constexpr (std::is_floating_point<TX>::value && std::is_same<TX, TY>::value && std::is_same<TX, TZ>::value) {
-    using F = TX;
-    F* const p = reinterpret_cast<F*>(scratch);
-    F* const u = reinterpret_cast<F*>(scratch + segment);
-    x = as_type<F>(tp.x, tp.dx, off, n, scratch + 2 * segment);
-    const F* g = as_type<F>(tp.y, tp.dy, off, n, scratch + 3 * segment);
-    const F* m = tp.z ? as_type<F>(tp.z, tp.dz, off, n, scratch + 4 * segment) : nullptr;
-    const StreamCoef<F> c = StreamCoef<F>::from(tp.coef);
-    if (tp.mode == kStreamLion) {
-      if (m) lion_row<true>(g, m, n, c, p, u);
-      else lion_row<false>(g, m, n, c, p, u);
-    } else if (!m) {
-      adam_row<false, false>(x, g, m, m, m, n, c, p, u);
-    } else {
-      const F* v = as_type<F>(tp.v, tp.dv, off, n, scratch + 5 * segment);
-      if (tp.vmax) {
-        const F* vmax = as_type<F>(tp.vmax, tp.dvmax, off, n, scratch + 6 * segment);
-        adam_row<true, true>(x, g, m, v, vmax, n, c, p, u);
-      } else {
-        adam_row<true, false>(x, g, m, v, v, n, c, p, u);
-      }
-    }
-    y = p;
-    z = u;
-  }
-}
+#include "kernel_rows.h"  // PlainRow, AdamRow, LionRow (in this namespace)
 
 // ---- the two reductions ----------------------------------------------------------------------------
 // Always inlined into run_item: rows can be a few elements long, and an out-of-line call per row (with
 // its AVX-512 register saves) cost three times the work on narrow tensors.
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_row_total(const TX* x, const TY* y, const TZ* z, int64_t n, Moments<double>& out, int64_t ahead) {
+template <typename Row>
+NMX_INLINE void add_row_total(const typename Row::Shared& sh, const Row& row, int64_t n, Moments<double>& out,
+                              int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   Moments<dvec> a;
   zero(a);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    if (ahead) prefetch_rows<1, HY, HZ>(&x, &y, &z, i + ahead);
-    accumulate<HY, HZ>(a, load(x + i), HY ? load(y + i) : dvec{}, HZ ? load(z + i) : dvec{});
+    if (ahead) row.prefetch_at(i + ahead);
+    dvec xv, yv, zv;
+    row.lanes(sh, i, xv, yv, zv);
+    accumulate<HY, HZ>(a, xv, yv, zv);
   }
   Moments<double> t;
   for (int m = 0; m < kMoments; ++m) t.m[m] = hsum(a.m[m]);
-  for (; i < n; ++i)
-    accumulate<HY, HZ>(t, to_double(x[i]), HY ? to_double(y[i]) : 0.0, HZ ? to_double(z[i]) : 0.0);
+  for (; i < n; ++i) {
+    double xv, yv, zv;
+    row.one(sh, i, xv, yv, zv);
+    accumulate<HY, HZ>(t, xv, yv, zv);
+  }
   add_to(out, t);
 }
 
@@ -274,25 +224,33 @@ NMX_INLINE int64_t colsum_index(int64_t c, int m) {
 }
 
 // Adds the moments of NR rows, columns [0, n), to the column sums `acc` (columns counted from acc).
-template <int NR, bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
+template <int NR, typename Row>
+NMX_INLINE void add_column_sums(const typename Row::Shared& sh, double* acc, const Row* rows, int64_t n,
                                 int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    if (ahead) prefetch_rows<NR, HY, HZ>(x, y, z, c + ahead);
+    if (ahead)
+      for (int r = 0; r < NR; ++r) rows[r].prefetch_at(c + ahead);
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
-    for (int r = 0; r < NR; ++r)
-      accumulate<HY, HZ>(a, load(x[r] + c), HY ? load(y[r] + c) : dvec{}, HZ ? load(z[r] + c) : dvec{});
+    for (int r = 0; r < NR; ++r) {
+      dvec xv, yv, zv;
+      rows[r].lanes(sh, c, xv, yv, zv);
+      accumulate<HY, HZ>(a, xv, yv, zv);
+    }
     for (int m = 0; m < kMoments; ++m)
       if (moment_used<HY, HZ>(m)) store(block + m * kLanes, a.m[m]);
   }
   for (; c < n; ++c) {
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
-    for (int r = 0; r < NR; ++r)
-      accumulate<HY, HZ>(a, to_double(x[r][c]), HY ? to_double(y[r][c]) : 0.0, HZ ? to_double(z[r][c]) : 0.0);
+    for (int r = 0; r < NR; ++r) {
+      double xv, yv, zv;
+      rows[r].one(sh, c, xv, yv, zv);
+      accumulate<HY, HZ>(a, xv, yv, zv);
+    }
     for (int m = 0; m < kMoments; ++m) acc[colsum_index(c, m)] = a.m[m];
   }
 }
@@ -301,9 +259,10 @@ NMX_INLINE void add_column_sums(double* acc, const TX* const* x, const TY* const
 // the two rows' totals (in registers) take their terms from the same loads and conversions.  The
 // additions happen in the same order as add_column_sums + add_row_total would do them, so the
 // result is bit-identical.  Only with 32 vector registers (9 column + 18 row accumulators).
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
-NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const TY* const* y, const TZ* const* z, int64_t n,
-                              Moments<double>& out0, Moments<double>& out1, int64_t ahead) {
+template <typename Row>
+NMX_INLINE void add_columns_and_two_rows(const typename Row::Shared& sh, double* acc, const Row* rows, int64_t n,
+                                         Moments<double>& out0, Moments<double>& out1, int64_t ahead) {
+  constexpr bool HY = Row::kHY, HZ = Row::kHZ;
   Moments<dvec> r0, r1;
   zero(r0);
   zero(r1);
@@ -312,11 +271,11 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
     double* block = acc + colsum_index(c, 0);
     Moments<dvec> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = moment_used<HY, HZ>(m) ? load(block + m * kLanes) : dvec{};
-    if (ahead) prefetch_rows<2, HY, HZ>(x, y, z, c + ahead);
-    const dvec x0 = load(x[0] + c), y0 = HY ? load(y[0] + c) : dvec{}, z0 = HZ ? load(z[0] + c) : dvec{};
+    if (ahead) rows[0].prefetch_at(c + ahead), rows[1].prefetch_at(c + ahead);
+    dvec x0, y0, z0, x1, y1, z1;
+    lanes_pair(sh, rows, c, x0, y0, z0, x1, y1, z1);
     accumulate<HY, HZ>(a, x0, y0, z0);
     accumulate<HY, HZ>(r0, x0, y0, z0);
-    const dvec x1 = load(x[1] + c), y1 = HY ? load(y[1] + c) : dvec{}, z1 = HZ ? load(z[1] + c) : dvec{};
     accumulate<HY, HZ>(a, x1, y1, z1);
     accumulate<HY, HZ>(r1, x1, y1, z1);
     for (int m = 0; m < kMoments; ++m)
@@ -328,7 +287,8 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
     Moments<double> a;
     for (int m = 0; m < kMoments; ++m) a.m[m] = acc[colsum_index(c, m)];
     for (int q = 0; q < 2; ++q) {
-      const double xv = to_double(x[q][c]), yv = HY ? to_double(y[q][c]) : 0.0, zv = HZ ? to_double(z[q][c]) : 0.0;
+      double xv, yv, zv;
+      rows[q].one(sh, c, xv, yv, zv);
       accumulate<HY, HZ>(a, xv, yv, zv);
       accumulate<HY, HZ>(q == 0 ? t0 : t1, xv, yv, zv);
     }
@@ -338,7 +298,40 @@ NMX_INLINE void add_columns_and_two_rows(double* acc, const TX* const* x, const 
   add_to(out1, t1);
 }
 
-template <bool HY, bool HZ, typename TX, typename TY, typename TZ>
+// Column sums and row totals of one group of rows as separate passes (the kernels without the fused
+// row-pair loop).  Items with COL views have a single segment, so the column sums start at column c0.
+template <typename Row>
+NMX_INLINE void reduce_group(const typename Row::Shared& sh, double* cs, const Row* rows, int nr, int64_t n,
+                             int64_t ahead, bool has_col, bool has_run, Moments<double>* rt) {
+  if (has_col) {
+    if (nr == kRowGroup) {
+      add_column_sums<kRowGroup>(sh, cs, rows, n, ahead);
+    } else {
+      for (int q = 0; q < nr; ++q) add_column_sums<1>(sh, cs, rows + q, n, 0);
+    }
+  }
+  if (has_run)
+    for (int q = 0; q < nr; ++q) add_row_total(sh, rows[q], n, rt[q], has_col ? 0 : ahead);
+}
+
+// A stream mode's row with p and u written out in F (at `out` and a segment further; θ stays in place),
+// for the separate passes, which would otherwise form them twice.  Element by element: the compiler
+// vectorises the loop in the full width of F (twice the lanes of a double vector).  The inputs `ahead`
+// further on are requested first.
+template <typename Row>
+NMX_INLINE typename Row::Formed form_row(const typename Row::Shared& sh, const Row& row, int64_t n, int64_t ahead,
+                                         double* out, int64_t segment) {
+  using F = typename Row::Formed::X;
+  F *__restrict p = reinterpret_cast<F*>(out), *__restrict u = reinterpret_cast<F*>(out + segment);
+  const typename Row::Shared c = sh;  // a local copy: the loop keeps it in registers
+  if (ahead)
+    for (int64_t i = 0; i < n; i += 64 / sizeof(F)) row.prefetch_at(i + ahead);
+  for (int64_t i = 0; i < n; ++i) row.direction(c, i, p[i], u[i]);
+  return typename Row::Formed{row.th, p, u};
+}
+
+// Item `it` read through row readers of type Row (PlainRow, AdamRow, LionRow).
+template <typename Row>
 void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   static thread_local std::vector<double> colsum;
   static thread_local std::vector<Moments<double>> rowtot;
@@ -356,13 +349,14 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     zero(z0);
     rowtot.assign(rows, z0);
   }
-  const int scratch_rows = tp.mode == kStreamPlain ? kPlainScratch : kStreamScratch;
-  scratch.resize(scratch_rows * kRowGroup * segment);
+  const int formed = Row::kForms ? 2 : 0;  // form_row's segments per row
+  scratch.resize((Row::kScratch + formed) * kRowGroup * segment);
   // Plain pointers from here on: each use of a thread_local in a shared library may be a call to
   // __tls_get_addr, which the compiler does not hoist out of the loops.
   double* const cs = colsum.data() + ((64 - reinterpret_cast<uintptr_t>(colsum.data()) % 64) % 64) / sizeof(double);
   Moments<double>* const rt = rowtot.data() - it.r0;  // indexed by row
   double* const sc0 = scratch.data();
+  const typename Row::Shared sh = Row::shared(tp);
 
   // RUN-only items with long rows read one row at a time: three long sequential streams, which the
   // prefetchers follow (four rows at once interleave twelve).  Short rows are contiguous anyway.
@@ -371,45 +365,35 @@ void run_item(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double*
     const int nr = static_cast<int>(std::min<int64_t>(group, it.r1 - r));
     for (int64_t s0 = it.c0; s0 < it.c1; s0 += segment) {
       const int64_t n = std::min(segment, it.c1 - s0);
-      const TX* xp[kRowGroup];
-      const TY* yp[kRowGroup] = {};
-      const TZ* zp[kRowGroup] = {};
-      for (int q = 0; q < nr; ++q) {
-        const int64_t off = (r + q) * L + s0;
-        double* sc = sc0 + scratch_rows * q * segment;
-        if (tp.mode != kStreamPlain) {
-          form_streams(tp, off, n, segment, sc, xp[q], yp[q], zp[q]);
-          continue;
-        }
-        xp[q] = as_type<TX>(tp.x, tp.dx, off, n, sc);
-        if (HY) yp[q] = as_type<TY>(tp.y, tp.dy, off, n, sc + segment);
-        if (HZ) zp[q] = as_type<TZ>(tp.z, tp.dz, off, n, sc + 2 * segment);
-      }
+      Row rows[kRowGroup];
+      for (int q = 0; q < nr; ++q)
+        rows[q] = Row::make(tp, (r + q) * L + s0, n, segment, sc0 + Row::kScratch * q * segment);
       if (kFused && has_col && has_run) {
         // One pass for both kinds (single segment, column sums from c0), rows in pairs; the next pair
         // is prefetched.
         const int64_t ahead_pair = n <= kPrefetchMaxRow ? 2 * L : 0;
         int q = 0;
         for (; q + 2 <= nr; q += 2)
-          add_columns_and_two_rows<HY, HZ>(cs, xp + q, yp + q, zp + q, n, rt[r + q], rt[r + q + 1], ahead_pair);
+          add_columns_and_two_rows(sh, cs, rows + q, n, rt[r + q], rt[r + q + 1], ahead_pair);
         for (; q < nr; ++q) {
-          add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
-          add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], 0);
+          add_column_sums<1>(sh, cs, rows + q, n, 0);
+          add_row_total(sh, rows[q], n, rt[r + q], 0);
         }
         continue;
       }
       // Groups of rows prefetch the next group; long rows read alone are left to the hardware.
       const int64_t ahead = group > 1 && n <= kPrefetchMaxRow ? group * L : 0;
-      if (has_col) {
-        // Items with COL views have a single segment, so the column sums start at column c0.
-        if (nr == kRowGroup) {
-          add_column_sums<kRowGroup, HY, HZ>(cs, xp, yp, zp, n, ahead);
-        } else {
-          for (int q = 0; q < nr; ++q) add_column_sums<1, HY, HZ>(cs, xp + q, yp + q, zp + q, n, 0);
+      if constexpr (Row::kForms) {
+        if (has_col && has_run) {  // both passes read every row: form it once
+          using Formed = typename Row::Formed;
+          Formed fr[kRowGroup];
+          double* const out = sc0 + Row::kScratch * kRowGroup * segment;
+          for (int q = 0; q < nr; ++q) fr[q] = form_row(sh, rows[q], n, ahead, out + formed * q * segment, segment);
+          reduce_group(typename Formed::Shared{}, cs, fr, nr, n, 0, has_col, has_run, rt + r);
+          continue;
         }
       }
-      if (has_run)
-        for (int q = 0; q < nr; ++q) add_row_total<HY, HZ>(xp[q], yp[q], zp[q], n, rt[r + q], has_col ? 0 : ahead);
+      reduce_group(sh, cs, rows, nr, n, ahead, has_col, has_run, rt + r);
     }
   }
 
@@ -451,18 +435,33 @@ template <typename TX, typename TY, typename TZ>
 void run_typed(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   const bool hy = tp.y != nullptr, hz = tp.z != nullptr;
   if (hy && hz) {
-    run_item<true, true, TX, TY, TZ>(plan, it, tp, slots);
+    run_item<PlainRow<true, true, TX, TY, TZ>>(plan, it, tp, slots);
   } else if (hy) {
-    run_item<true, false, TX, TY, TZ>(plan, it, tp, slots);
+    run_item<PlainRow<true, false, TX, TY, TZ>>(plan, it, tp, slots);
   } else if constexpr (std::is_same<TX, TY>::value) {  // a mixed-type call always has y
-    if (hz) run_item<false, true, TX, TY, TZ>(plan, it, tp, slots);
-    else run_item<false, false, TX, TY, TZ>(plan, it, tp, slots);
+    if (hz) run_item<PlainRow<false, true, TX, TY, TZ>>(plan, it, tp, slots);
+    else run_item<PlainRow<false, false, TX, TY, TZ>>(plan, it, tp, slots);
   }
 }
 
 template <typename T>
 void run_one_type(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
   run_typed<T, T, T>(plan, it, tp, slots);
+}
+
+// A stream mode in F: which state exists picks the reader (m = z; v_max only with amsgrad and state).
+template <typename F>
+void run_stream(const Plan& plan, const ItemRec& it, const TensorPtrs& tp, double* slots) {
+  if (tp.mode == kStreamLion) {
+    if (tp.z) run_item<LionRow<true, F>>(plan, it, tp, slots);
+    else run_item<LionRow<false, F>>(plan, it, tp, slots);
+  } else if (!tp.z) {
+    run_item<AdamRow<false, false, F>>(plan, it, tp, slots);
+  } else if (tp.vmax) {
+    run_item<AdamRow<true, true, F>>(plan, it, tp, slots);
+  } else {
+    run_item<AdamRow<true, false, F>>(plan, it, tp, slots);
+  }
 }
 
 }  // namespace
@@ -472,8 +471,8 @@ void process_item(const Plan& plan, int64_t item, const TensorPtrs* tensors, dou
   const TensorPtrs& tp = tensors[plan.entries[it.entry].tensor];
   if (tp.mode != kStreamPlain) {
     // A stream mode forms (θ, p, u), all three present, in double or float.
-    if (stream_in_double(tp)) return run_item<true, true, double, double, double>(plan, it, tp, slots);
-    return run_item<true, true, float, float, float>(plan, it, tp, slots);
+    if (stream_in_double(tp)) return run_stream<double>(plan, it, tp, slots);
+    return run_stream<float>(plan, it, tp, slots);
   }
   // An absent y or z takes x's dtype, so that it does not break the "one dtype" case.
   const int dx = tp.dx, dy = tp.y ? tp.dy : dx, dz = tp.z ? tp.dz : dx;
