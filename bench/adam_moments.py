@@ -8,6 +8,8 @@ Every peer computes the moments of (θ, m', u) per row and column of each weight
 vectors) from θ, g, exp_avg and exp_avg_sq, mid-training (step 10):
 
 * ``fused``: ``nmx.adam_moments`` (one read of each tensor, u formed in registers);
+* ``kernel``: the same kernel with its arguments checked once, as the tracker's plan calls it (the public
+  op validates every list, view and hyperparameter on each call);
 * ``eager``: the plain-torch reference, ``theory.update_direction`` then ``nmx.slice_moments``;
 * ``foreach``: the same with torch's multi-tensor (``_foreach_*``) ops, as torch's foreach Adam;
 * ``compiled``: the eager reference under ``torch.compile``;
@@ -28,6 +30,8 @@ import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
 import neural_mechanics_ext as nmx  # noqa: E402
+from neural_mechanics_ext import _backend  # noqa: E402
+from neural_mechanics_ext.ops import _adam_args  # noqa: E402
 from neural_mechanics_ext.theory.adaptive_forms import AdaptiveHyper, update_direction  # noqa: E402
 
 
@@ -64,6 +68,13 @@ def peers(params, grads, states, views, hp, compile_reference=True):
     def fused():
         return nmx.adam_moments(params, views, grads, m, v, **kw)
 
+    # The same kernel with the arguments checked once, as the tracker calls it (its plan is built once;
+    # the public op checks every list, view and hyperparameter on each call).
+    args = _adam_args(params, views, grads, m, v, None, hp.step, hp.betas, hp.eps, hp.weight_decay, True, False)
+
+    def kernel():
+        return _backend.ops.adam_moments(*args)
+
     def reference():
         pu = [update_direction(t, g, s, hp) for t, g, s in zip(params, grads, states)]
         return nmx.slice_moments(params, views, [p for p, _ in pu], [u for _, u in pu])
@@ -85,7 +96,7 @@ def peers(params, grads, states, views, hp, compile_reference=True):
     def floor():
         return [t.sum() for ts in (params, grads, m, v) for t in ts]
 
-    out = {"fused": fused, "eager": reference, "foreach": foreach}
+    out = {"fused": fused, "kernel": kernel, "eager": reference, "foreach": foreach}
     if compile_reference:
         out["compiled"] = torch.compile(reference)
     out["floor"] = floor
@@ -114,7 +125,7 @@ def main(argv=None):
     # The peers agree (the float32 arithmetic of fused and eager differs in the last bits only): the
     # largest difference per moment column, relative to that column's largest magnitude.
     want = fns["eager"]()
-    for name in ("fused", "foreach", "compiled"):
+    for name in ("fused", "kernel", "foreach", "compiled"):
         if name in fns:
             err = ((fns[name]() - want).abs().amax(0) / want.abs().amax(0).clamp_min(1e-300)).max().item()
             print(f"{name}: max difference to eager {err:.1e} (relative to each column's largest value)",
