@@ -34,12 +34,13 @@ def llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
-def gpt2():
+def gpt2(tied=False):
     """GPT-2 initialises its biases at 0: the key bias (zero gradient in exact arithmetic) would stay at 0 and
     its relative error would divide rounding by rounding (``summary.add_magnitudes``' near_zero); random
-    biases give every family a quantity of order 1."""
+    biases give every family a quantity of order 1.  Tied (the default GPT-2): the stream's rescale against
+    ln_f and the whole wte's translation read the tied tensor's gradient, the sum over both its uses."""
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, layer_norm_epsilon=1e-30)
+                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, layer_norm_epsilon=1e-30)
     model = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -51,8 +52,12 @@ def gpt2():
 KINDS = {"scale", "rescale", "translation"}      # scale: the residual stream
 
 
-@pytest.mark.parametrize("make, kinds", [(llama, KINDS), (gpt2, KINDS)],
-                         ids=["llama-gqa", "gpt2"])
+def gpt2_tied():
+    return gpt2(tied=True)
+
+
+@pytest.mark.parametrize("make, kinds", [(llama, KINDS), (gpt2, KINDS), (gpt2_tied, {"rescale", "translation"})],
+                         ids=["llama-gqa", "gpt2", "gpt2-tied"])
 def test_exact_predictions_on_a_tiny_transformer(make, kinds):
     torch.manual_seed(0)
     model = make().double().train()
